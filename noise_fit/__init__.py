@@ -1,0 +1,1 @@
+"""noise_fit package."""

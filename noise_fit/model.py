@@ -1,0 +1,309 @@
+"""The device noise model: the contract between measurement, fitting and ROMER.
+
+A `NoiseModel` is a frozen, JSON-serialisable description of one analog memory device
+technology. It follows the three-stage structure of IBM aihwkit's PCM model (programming
+noise, drift, drift-time read noise) with every dependence on conductance written as a small
+`Curve`, so that a published preset and a model fitted from a dump are the same object.
+
+Conventions (see ../DESIGN.md): conductance in µS, time in seconds. ``t`` is the time since
+the end of programming; drift is ``g(t) = g_prog * ((t + t0) / t0) ** -nu`` so that ``t = 0``
+is the programmed state (aihwkit's convention).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = "romer-hil/noise-model"
+SCHEMA_VERSION = 1
+
+CURVE_KINDS = ("const", "poly", "loglin", "power")
+MAPPINGS = ("differential", "direct")
+READ_TIME_LAWS = ("none", "log1f")
+_X_FLOOR = 1e-6  # lower bound on g/g_max inside log and negative powers (g = 0 is legal)
+
+
+class NoiseModelError(ValueError):
+    """A noise model (or its JSON file) is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A function of normalised conductance x = g / g_max, clipped to [lo, hi].
+
+    kinds: ``const`` c0; ``poly`` sum_i c_i x^i; ``loglin`` c0 + c1 ln x; ``power`` c0 x^c1.
+    ``ln`` and negative powers use max(x, 1e-6), so g = 0 is always defined.
+    """
+
+    kind: str
+    coeffs: tuple[float, ...]
+    lo: float | None = None
+    hi: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CURVE_KINDS:
+            raise NoiseModelError(f"curve kind {self.kind!r} unknown; expected one of {CURVE_KINDS}")
+        need = {"const": 1, "loglin": 2, "power": 2}.get(self.kind)
+        if need is not None and len(self.coeffs) != need:
+            raise NoiseModelError(f"curve kind {self.kind!r} needs {need} coefficients, got {len(self.coeffs)}")
+        if self.kind == "poly" and len(self.coeffs) == 0:
+            raise NoiseModelError("curve kind 'poly' needs at least one coefficient")
+        if not all(np.isfinite(self.coeffs)):
+            raise NoiseModelError(f"curve coefficients must be finite, got {self.coeffs}")
+        object.__setattr__(self, "coeffs", tuple(float(c) for c in self.coeffs))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64
+        c = self.coeffs
+        if self.kind == "const":
+            y = np.full(x.shape, c[0], dtype=dtype)
+        elif self.kind == "poly":
+            y = np.full(x.shape, c[-1], dtype=dtype)
+            for ci in reversed(c[:-1]):  # Horner
+                y = y * x + ci
+        elif self.kind == "loglin":
+            y = c[0] + c[1] * np.log(np.maximum(x, _X_FLOOR))
+        else:
+            y = c[0] * np.power(np.maximum(x, _X_FLOOR), c[1])
+        y = np.asarray(y, dtype=dtype)
+        if self.lo is not None or self.hi is not None:
+            y = np.clip(y, self.lo, self.hi)
+        return y
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "coeffs": list(self.coeffs), "lo": self.lo, "hi": self.hi}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "curve") -> Curve:
+        try:
+            return cls(kind=d["kind"], coeffs=tuple(d["coeffs"]), lo=d.get("lo"), hi=d.get("hi"))
+        except KeyError as e:
+            raise NoiseModelError(f"{where}: missing field {e.args[0]!r}") from None
+        except NoiseModelError as e:
+            raise NoiseModelError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """Statistical model of one device technology (all conductances in µS).
+
+    - programming: g_prog = g_target + prog_scale * sigma_prog(x) * N(0,1), clipped to >= 0
+    - drift: nu = |nu_mean(x) + nu_std(x) * N(0,1)| * drift_scale, g(t) = g_prog ((t+t0)/t0)^-nu
+    - read noise (each read independent): sigma = read_scale * read_sigma(x) * law(t), relative
+      to g when ``read_relative`` else absolute in µS; law ``log1f`` is
+      sqrt(ln((t + t0 + t_read) / (2 t_read))) (accumulated 1/f noise), ``none`` is 1.
+    - stuck cells: with probability p_stuck_low a cell holds g_stuck_low, with p_stuck_high
+      g_stuck_high, whatever the target; stuck cells do not drift.
+    """
+
+    name: str
+    g_min: float
+    g_max: float
+    prog_sigma: Curve
+    nu_mean: Curve = field(default_factory=lambda: Curve("const", (0.0,)))
+    nu_std: Curve = field(default_factory=lambda: Curve("const", (0.0,)))
+    t0: float = 20.0
+    read_sigma: Curve = field(default_factory=lambda: Curve("const", (0.0,)))
+    read_relative: bool = True
+    read_time_law: str = "none"
+    t_read: float = 250e-9
+    p_stuck_low: float = 0.0
+    p_stuck_high: float = 0.0
+    g_stuck_low: float = 0.0
+    g_stuck_high: float | None = None  # None: g_max
+    mapping: str = "differential"
+    prog_scale: float = 1.0
+    read_scale: float = 1.0
+    drift_scale: float = 1.0
+    provenance: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.g_min) and np.isfinite(self.g_max)) or not 0 <= self.g_min < self.g_max:
+            raise NoiseModelError(f"need 0 <= g_min < g_max (µS), got g_min={self.g_min}, g_max={self.g_max}")
+        if self.t0 <= 0 or self.t_read <= 0:
+            raise NoiseModelError(f"t0 and t_read must be > 0 s, got t0={self.t0}, t_read={self.t_read}")
+        for name in ("p_stuck_low", "p_stuck_high"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise NoiseModelError(f"{name} must be a probability in [0, 1], got {p}")
+        if self.p_stuck_low + self.p_stuck_high > 1.0:
+            raise NoiseModelError("p_stuck_low + p_stuck_high must not exceed 1")
+        for name in ("prog_scale", "read_scale", "drift_scale"):
+            if getattr(self, name) < 0:
+                raise NoiseModelError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mapping not in MAPPINGS:
+            raise NoiseModelError(f"mapping {self.mapping!r} unknown; expected one of {MAPPINGS}")
+        if self.read_time_law not in READ_TIME_LAWS:
+            raise NoiseModelError(f"read_time_law {self.read_time_law!r} unknown; expected {READ_TIME_LAWS}")
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def stuck_high_value(self) -> float:
+        return self.g_max if self.g_stuck_high is None else self.g_stuck_high
+
+    def x(self, g: np.ndarray) -> np.ndarray:
+        return np.asarray(g) / self.g_max
+
+    def sigma_prog(self, g_target: np.ndarray) -> np.ndarray:
+        """Programming-noise standard deviation (µS) at the target conductance."""
+        return self.prog_scale * np.maximum(self.prog_sigma(self.x(g_target)), 0.0)
+
+    def read_time_factor(self, t: float) -> float:
+        if self.read_time_law == "none":
+            return 1.0
+        return float(np.sqrt(np.log((t + self.t0 + self.t_read) / (2.0 * self.t_read))))
+
+    def sigma_read(self, g: np.ndarray, t: float) -> np.ndarray:
+        """Read-noise standard deviation (µS) of one read at conductance g, time t."""
+        s = self.read_scale * np.maximum(self.read_sigma(self.x(np.abs(g))), 0.0) * self.read_time_factor(t)
+        return s * np.abs(g) if self.read_relative else s * np.ones_like(np.asarray(g))
+
+    def drift_factor(self, nu: np.ndarray, t: float) -> np.ndarray:
+        return np.power((t + self.t0) / self.t0, -nu)
+
+    # ---- sampling (vectorised, seeded) ----------------------------------------------------
+    def stuck_codes(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """0 = healthy, 1 = stuck low, 2 = stuck high (int8)."""
+        if self.p_stuck_low == 0.0 and self.p_stuck_high == 0.0:
+            return np.zeros(shape, dtype=np.int8)
+        u = rng.random(shape, dtype=np.float32)
+        codes = np.zeros(shape, dtype=np.int8)
+        codes[u < self.p_stuck_low] = 1
+        codes[(u >= self.p_stuck_low) & (u < self.p_stuck_low + self.p_stuck_high)] = 2
+        return codes
+
+    def drift_exponents(self, g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        g = np.asarray(g)
+        dtype = g.dtype if np.issubdtype(g.dtype, np.floating) else np.float64
+        x = self.x(np.abs(g))
+        z = rng.standard_normal(g.shape, dtype=dtype) if dtype in (np.float32, np.float64) else \
+            rng.standard_normal(g.shape)
+        return (np.abs(self.nu_mean(x) + self.nu_std(x) * z) * self.drift_scale).astype(dtype, copy=False)
+
+    def programmed(self, g_target: np.ndarray, rng: np.random.Generator,
+                   stuck: np.ndarray | None = None) -> np.ndarray:
+        """Conductances right after programming (t = 0). `stuck` codes are drawn if not given."""
+        g_target = np.asarray(g_target)
+        dtype = g_target.dtype if g_target.dtype in (np.float32, np.float64) else np.float64
+        g_target = g_target.astype(dtype, copy=False)
+        z = rng.standard_normal(g_target.shape, dtype=dtype)
+        g = g_target + self.sigma_prog(np.abs(g_target)).astype(dtype, copy=False) * z
+        self._floor(g)
+        if stuck is None:
+            stuck = self.stuck_codes(g_target.shape, rng)
+        if stuck.any():
+            g[stuck == 1] = self.g_stuck_low
+            g[stuck == 2] = self.stuck_high_value
+        return g
+
+    def at_time(self, g_prog: np.ndarray, t: float, rng: np.random.Generator,
+                nu: np.ndarray | None = None, stuck: np.ndarray | None = None) -> np.ndarray:
+        """One read of programmed conductances at time t: drift, then read noise.
+
+        ``nu`` (per-cell drift exponents) is drawn from nu(g_prog) when not given; pass the
+        same ``nu`` for repeated reads of the same cells. Cells flagged in ``stuck`` do not drift.
+        """
+        g_prog = np.asarray(g_prog)
+        dtype = g_prog.dtype if g_prog.dtype in (np.float32, np.float64) else np.float64
+        g_prog = g_prog.astype(dtype, copy=False)
+        if t < 0:
+            raise ValueError(f"read time t must be >= 0 s, got {t}")
+        if nu is None:
+            nu = self.drift_exponents(g_prog, rng)
+        if stuck is not None and stuck.any():
+            nu = np.where(stuck != 0, 0.0, nu).astype(dtype)
+        g = g_prog * self.drift_factor(nu, t).astype(dtype, copy=False)
+        sig = self.sigma_read(g, t).astype(dtype, copy=False)
+        if np.any(sig):
+            g = g + sig * rng.standard_normal(g.shape, dtype=dtype)
+        self._floor(g)
+        return g
+
+    def _floor(self, g: np.ndarray) -> None:
+        """Physical conductances are never negative; the ``direct`` mapping stores signed values."""
+        if self.mapping != "direct":
+            np.maximum(g, 0.0, out=g)
+
+    def sample(self, g_target: np.ndarray, t: float, rng: np.random.Generator) -> np.ndarray:
+        """Target -> programmed -> read at time t, in one call."""
+        stuck = self.stuck_codes(np.shape(g_target), rng)
+        g_prog = self.programmed(g_target, rng, stuck=stuck)
+        return self.at_time(g_prog, t, rng, stuck=stuck)
+
+    def scaled(self, prog: float | None = None, read: float | None = None,
+               drift: float | None = None) -> NoiseModel:
+        """A copy with noise scale factors replaced (for noise-level sweeps)."""
+        kw: dict[str, float] = {}
+        if prog is not None:
+            kw["prog_scale"] = prog
+        if read is not None:
+            kw["read_scale"] = read
+        if drift is not None:
+            kw["drift_scale"] = drift
+        return replace(self, **kw)
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("prog_sigma", "nu_mean", "nu_std", "read_sigma"):
+            d[k] = getattr(self, k).to_dict()
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "noise model") -> NoiseModel:
+        if not isinstance(d, dict):
+            raise NoiseModelError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        if d.get("schema", SCHEMA) != SCHEMA:
+            raise NoiseModelError(f"{where}: schema {d.get('schema')!r} is not {SCHEMA!r}")
+        if int(d.get("schema_version", SCHEMA_VERSION)) > SCHEMA_VERSION:
+            raise NoiseModelError(
+                f"{where}: schema_version {d['schema_version']} is newer than this software ({SCHEMA_VERSION})")
+        d = {k: v for k, v in d.items() if k not in ("schema", "schema_version")}
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise NoiseModelError(f"{where}: unknown field(s) {sorted(unknown)}")
+        for req in ("name", "g_min", "g_max", "prog_sigma"):
+            if req not in d:
+                raise NoiseModelError(f"{where}: missing required field {req!r}")
+        for k in ("prog_sigma", "nu_mean", "nu_std", "read_sigma"):
+            if k in d:
+                if not isinstance(d[k], dict):
+                    raise NoiseModelError(f"{where}: field {k!r} must be an object")
+                d[k] = Curve.from_dict(d[k], where=f"{where}: field {k!r}")
+        try:
+            return cls(**d)
+        except (TypeError, NoiseModelError) as e:
+            raise NoiseModelError(f"{where}: {e}") from None
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> NoiseModel:
+        p = Path(path)
+        if not p.is_file():
+            raise NoiseModelError(f"noise model file {str(p)!r} does not exist")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise NoiseModelError(f"{p}: not valid JSON ({e})") from None
+        return cls.from_dict(d, where=str(p))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
