@@ -22,7 +22,7 @@ import numpy as np
 SCHEMA = "romer-hil/noise-model"
 SCHEMA_VERSION = 1
 
-CURVE_KINDS = ("const", "poly", "loglin", "power")
+CURVE_KINDS = ("const", "poly", "loglin", "power", "split")
 MAPPINGS = ("differential", "direct")
 READ_TIME_LAWS = ("none", "log1f")
 _X_FLOOR = 1e-6  # lower bound on g/g_max inside log and negative powers (g = 0 is legal)
@@ -36,7 +36,9 @@ class NoiseModelError(ValueError):
 class Curve:
     """A function of normalised conductance x = g / g_max, clipped to [lo, hi].
 
-    kinds: ``const`` c0; ``poly`` sum_i c_i x^i; ``loglin`` c0 + c1 ln x; ``power`` c0 x^c1.
+    kinds: ``const`` c0; ``poly`` sum_i c_i x^i; ``loglin`` c0 + c1 ln x; ``power`` c0 x^c1;
+    ``split`` (published piecewise fits, e.g. IBM HERMES): for x < c0, clip(c1 + c2 ln x, c3, c4),
+    else the polynomial sum_i c_{5+i} x^i.
     ``ln`` and negative powers use max(x, 1e-6), so g = 0 is always defined.
     """
 
@@ -51,6 +53,8 @@ class Curve:
         need = {"const": 1, "loglin": 2, "power": 2}.get(self.kind)
         if need is not None and len(self.coeffs) != need:
             raise NoiseModelError(f"curve kind {self.kind!r} needs {need} coefficients, got {len(self.coeffs)}")
+        if self.kind == "split" and len(self.coeffs) < 6:
+            raise NoiseModelError(f"curve kind 'split' needs >= 6 coefficients, got {len(self.coeffs)}")
         if self.kind == "poly" and len(self.coeffs) == 0:
             raise NoiseModelError("curve kind 'poly' needs at least one coefficient")
         if not all(np.isfinite(self.coeffs)):
@@ -69,6 +73,12 @@ class Curve:
                 y = y * x + ci
         elif self.kind == "loglin":
             y = c[0] + c[1] * np.log(np.maximum(x, _X_FLOOR))
+        elif self.kind == "split":
+            low = np.clip(c[1] + c[2] * np.log(np.maximum(x, _X_FLOOR)), c[3], c[4])
+            high = np.full(x.shape, c[-1], dtype=dtype)
+            for ci in reversed(c[5:-1]):
+                high = high * x + ci
+            y = np.where(x < c[0], low, high)
         else:
             y = c[0] * np.power(np.maximum(x, _X_FLOOR), c[1])
         y = np.asarray(y, dtype=dtype)
