@@ -1,0 +1,1 @@
+"""The simulated CIM chip: device physics, its command interpreter, and its servers."""
