@@ -64,6 +64,9 @@ class MeasureConfig:
         d = asdict(self)
         for k in ("out", "resume", "overwrite", "timeout_s", "device"):
             d.pop(k)
+        if self.device != "sim":  # the simulated chip's own options mean nothing for other devices
+            for k in ("sim_truth", "sim_seed", "sim_profile"):
+                d.pop(k)
         return json.dumps(d, sort_keys=True)
 
 

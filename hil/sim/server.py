@@ -9,6 +9,7 @@ import socketserver
 import threading
 import time
 import tty
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hil.sim.device import CommandReader, SimDevice
@@ -42,9 +43,9 @@ class FaultPlan:
 class _Session:
     """Serves one byte stream until it closes; returns False if a fault dropped it."""
 
-    def __init__(self, device: SimDevice, faults: FaultPlan | None) -> None:
+    def __init__(self, device: SimDevice, faults: Callable[[], FaultPlan | None]) -> None:
         self.device = device
-        self.faults = faults
+        self.get_faults = faults  # looked up per command, so a plan can be installed mid-session
 
     def serve(self, recv, send) -> None:  # type: ignore[no-untyped-def]
         reader = CommandReader(recv)
@@ -55,7 +56,7 @@ class _Session:
                 return
             if not header and payload is None and err is None:
                 continue
-            f = self.faults
+            f = self.get_faults()
             i = f.next_index() if f else 0
             if f and i in f.drop_at:
                 f.fired.append(f"drop@{i}")
@@ -84,7 +85,7 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _Session(self.server.device, self.server.faults).serve(sock.recv, sock.sendall)
+        _Session(self.server.device, lambda: self.server.faults).serve(sock.recv, sock.sendall)
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -174,7 +175,7 @@ class SimPtyServer:
 
     def _run(self) -> None:
         while not self._stop.is_set():  # a dropped "connection" on a tty: the session restarts
-            _Session(self.device, self.faults).serve(self._recv, self._send)
+            _Session(self.device, lambda: self.faults).serve(self._recv, self._send)
 
     def start(self) -> SimPtyServer:
         self._thread = threading.Thread(target=self._run, name="sim-pty", daemon=True)
