@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from hil import cli_eval, cli_fit, cli_measure
+from hil import cli_calibrate, cli_deploy, cli_eval, cli_fit, cli_measure
 
 app = typer.Typer(
     name="hil",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for _module in (cli_measure, cli_fit, cli_eval):
+for _module in (cli_measure, cli_fit, cli_eval, cli_calibrate, cli_deploy):
     _module.register(app)
 
 
