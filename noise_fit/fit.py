@@ -388,6 +388,8 @@ def _fit_read(rd: _ReadData, cfg: FitConfig, w: np.ndarray | None = None,
               fixed: _ReadFit | None = None) -> _ReadFit:
     K, S, lnx, g2, tb = _read_bins(rd, w)
     x_lo = float(np.exp(lnx.min()))
+    if not S.sum() > 0:  # repeats agree exactly (noise below the instrument resolution)
+        return _ReadFit(relative=True, kind="const", law="none", a=0.0, b=0.0, aic={}, x_lo=x_lo)
     cands = [(rel, kind, law) for law in ("none", "log1f") for rel, kind in
              ((True, "const"), (False, "const"), (True, "power"))]
     if fixed is not None:
@@ -448,7 +450,7 @@ class _DriftFit:
 def _loglin_curve(kind: str, c: tuple[float, ...], lnx_range: tuple[float, float], lo0: float) -> Curve:
     """Loglin with clips at the values reached at the ends of the observed range (no extrapolation)."""
     if kind == "const":
-        return Curve("const", (max(c[0], lo0),))
+        return Curve("const", (max(c[0], lo0) + 0.0,))
     if kind == "loglin_clip":
         lo, hi = sorted(c[2:4])
         return Curve("loglin", c[:2], lo=max(lo, lo0), hi=max(hi, lo0))
@@ -813,7 +815,7 @@ def fit_data(d: Dump, cfg: FitConfig | None = None) -> FitResult:
         sd = np.sqrt(drift.curve_std()(x_nu) ** 2 + dd.e2)
         gof["drift"] = _ks_normal((dd.nu - drift.curve_mean()(x_nu)) / np.maximum(sd, 1e-12), krng,
                                   cfg.ks_max_samples)
-    if read is not None and rd is not None:
+    if read is not None and rd is not None and read.a > 0:
         g_item = np.sqrt(rd.g2)
         s_mod = read.sigma(g_item, rd.t, g_max, cfg.t0, cfg.t_read)
         u = stats.chi2.cdf(rd.ks2 / np.maximum(s_mod ** 2, 1e-300), rd.k)
