@@ -13,7 +13,6 @@ import json
 import os
 import uuid
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,12 +22,9 @@ import h5py
 import numpy as np
 
 from hil import protocol as P
-from hil.driver import ChipDriver, DeviceStringError, tile_regions, transport_for
+from hil.connect import SimOptions, connect
+from hil.driver import ChipDriver, tile_regions
 from hil.profile import ChipProfile, SafetyError
-from hil.sim.chip import SimChip, chip_truth
-from hil.sim.device import SimDevice
-from hil.sim.server import SimTCPServer
-from hil.transport import VisaTransport
 from noise_fit import dump_schema as S
 
 SOFTWARE_VERSION = "0.1.0"
@@ -95,36 +91,9 @@ def _pattern(cfg: MeasureConfig, profile: ChipProfile, n: int) -> np.ndarray:
     return levels[rng.permutation(np.arange(n) % cfg.levels)]
 
 
-@contextmanager
 def open_device(cfg: MeasureConfig, state_path: Path | None = None):  # type: ignore[no-untyped-def]
-    """Yield a connected ChipDriver for ``cfg.device``; ``sim`` starts a simulated chip on loopback TCP.
-
-    The in-process simulated chip keeps its non-volatile state in ``state_path``, so a killed run
-    can be resumed against the same chip contents, as with real hardware.
-    """
-    if cfg.device == "sim":
-        truth = chip_truth(cfg.sim_truth)
-        if abs(truth.g_max - cfg.sim_profile.g_max) > 1e-9:
-            from dataclasses import replace
-
-            profile = replace(cfg.sim_profile, g_max=truth.g_max)
-        else:
-            profile = cfg.sim_profile
-        dev = SimDevice(SimChip(profile, truth, seed=cfg.sim_seed), state_path=state_path)
-        with SimTCPServer(dev) as srv:
-            drv = ChipDriver(VisaTransport(srv.visa_resource, timeout_s=cfg.timeout_s))
-            with drv:
-                yield drv
-        return
-    if cfg.device.startswith("sim:"):
-        host, _, port = cfg.device[4:].rpartition(":")
-        if not port.isdigit():
-            raise DeviceStringError(f"device {cfg.device!r}: expected sim:HOST:PORT, e.g. sim:127.0.0.1:5025")
-        drv = ChipDriver(VisaTransport(f"TCPIP::{host or '127.0.0.1'}::{port}::SOCKET", timeout_s=cfg.timeout_s))
-    else:
-        drv = ChipDriver(transport_for(cfg.device, timeout_s=cfg.timeout_s))
-    with drv:
-        yield drv
+    """A connected driver for ``cfg.device`` (see `hil.connect.connect`)."""
+    return connect(cfg.device, cfg.timeout_s, SimOptions(cfg.sim_truth, cfg.sim_seed, cfg.sim_profile), state_path)
 
 
 def _check_out_path(cfg: MeasureConfig) -> Path:
