@@ -132,6 +132,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     model_family(model)
     model.eval()
+    if (path / "romer.json").is_file():  # a ROMER-calibrated model: reinstall its routing hooks
+        from romer.calibrated import attach_from_meta, read_meta
+
+        attach_from_meta(model, read_meta(path))
     return model
 
 
@@ -160,6 +164,9 @@ def tiny_config(family: str, *, vocab_size: int = 64, hidden_size: int = 32, num
         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
         num_experts_per_tok=top_k, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
         pad_token_id=None)
+    for k in list(overrides):  # overrides may replace the common settings too
+        if k in common:
+            common[k] = overrides.pop(k)
     inter = moe_intermediate
     if family == "olmoe":
         cfg = OlmoeConfig(**common, intermediate_size=inter, num_experts=num_experts, **overrides)

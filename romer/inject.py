@@ -45,6 +45,7 @@ from noise_fit.model import NoiseModel
 from romer.adapters import decoder_layers, find_moe_blocks
 from romer.mapping import MappingConfig, conductance_to_weight, weight_to_conductance
 
+_MARK = "_romer_noise_injected"
 PARTS = ("experts", "shared", "router", "attention", "dense", "lm_head")
 
 
@@ -197,6 +198,7 @@ class InjectHandle:
         """Write the clean weights back (idempotent); removes the disk backup."""
         if self.restored:
             return
+        self.model.__dict__.pop(_MARK, None)
         with torch.no_grad():
             if self._disk is not None:
                 from safetensors import safe_open
@@ -266,6 +268,8 @@ class NoiseInjector:
     def inject(self, model: nn.Module, seed: int) -> InjectHandle:
         """Replace the selected weights by noisy reads, in place; returns the restore handle."""
         t_start = time.perf_counter()
+        if model.__dict__.get(_MARK):
+            raise RuntimeError("model already holds injected noise; restore() the previous handle first")
         tensors = analog_tensors(model, self.config.parts)
         for at in tensors:
             if at.param.device.type != "cpu":
@@ -293,6 +297,7 @@ class NoiseInjector:
         except BaseException:
             handle.restore()
             raise
+        model.__dict__[_MARK] = True  # guards against backing up noisy weights as "clean"
         handle.n_weights = sum(at.param.numel() for at in tensors)
         handle.seconds = time.perf_counter() - t_start
         return handle

@@ -166,3 +166,12 @@ def test_bfloat16_model_restores_exactly() -> None:
 def test_bad_parts_rejected() -> None:
     with pytest.raises(ValueError, match="unknown analog part"):
         InjectConfig(parts=("mlp",))
+
+
+def test_second_injection_without_restore_is_refused() -> None:
+    model = tiny("olmoe")
+    h = inject_noise(model, resolve("pcm"), seed=0)
+    with pytest.raises(RuntimeError, match="restore"):
+        inject_noise(model, resolve("pcm"), seed=1)
+    h.restore()
+    inject_noise(model, resolve("pcm"), seed=1).restore()
