@@ -1,0 +1,206 @@
+"""The calibrated model: ROMER's routing hooks, and its directory (HF checkpoint + ``romer.json``).
+
+Why hooks: expert replacement (``split``/``average``) and router calibration change how
+tokens are routed and combined, not the model's architecture. Two hooks per MoE layer do it
+without copying model code, for every family whose ``mlp.gate`` returns
+(logits, top-k weights, top-k indices) and whose ``mlp.experts`` takes
+(hidden, top_k_index, top_k_weights) (OLMoE, Qwen2/3-MoE, Mixtral, DeepSeek-MoE v1):
+
+- a router forward hook that RETURNS new outputs: logits through the fitted affine map, cold
+  slots masked with a large finite negative, top-k recomputed like the router does
+  (`romer.router_calib.route`), and, for ``split``, tokens of a replicated expert dealt to its
+  replicas by token index;
+- for ``average``, a forward pre-hook on the experts module that widens top-k: a token routed
+  to a replicated expert is sent to every replica with weight w/n (the mean of the copies'
+  outputs, times w). Padding entries of the widened rows carry weight 0.
+
+The directory is a normal Hugging Face checkpoint (safetensors, config, tokenizer) holding
+the replaced experts' CLEAN weights, plus ``romer.json`` (schema below). `load_calibrated`
+(and `romer.adapters.load_model`, which detects ``romer.json``) reinstalls the hooks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from romer.adapters import MoEBlock, find_moe_blocks
+from romer.replace import MASK_LOGIT, LayerPlan, ReplacementPlan
+from romer.router_calib import LayerAffine, RouterCalibration, check_routable, route
+
+ROMER_JSON = "romer.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class RomerHooks:
+    """Installed hook handles; `remove()` restores the plain model's behaviour."""
+
+    handles: list[Any] = field(default_factory=list)
+    plan: ReplacementPlan | None = None
+    calibration: RouterCalibration | None = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> RomerHooks:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _replica_table(lp: LayerPlan, n_exp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, n_max] replica slots per expert (own index first, padded with it) and [E] replica counts."""
+    groups = lp.groups()
+    n_max = max([len(s) for s in groups.values()] + [1])
+    table = torch.arange(n_exp).unsqueeze(1).repeat(1, n_max)
+    count = torch.ones(n_exp, dtype=torch.long)
+    for hot, slots in groups.items():
+        table[hot, : len(slots)] = torch.tensor(slots)
+        count[hot] = len(slots)
+    return table, count
+
+
+def _router_hook(block: MoEBlock, affine: LayerAffine | None, lp: LayerPlan | None, strategy: str | None) -> Any:
+    n_exp, k, norm = block.num_experts, block.top_k, block.norm_topk_prob
+    scale = shift = None
+    if affine is not None and not affine.identity:
+        scale = torch.tensor(affine.scale, dtype=torch.float32)
+        shift = torch.tensor(affine.shift, dtype=torch.float32)
+    mask = None
+    table = count = None
+    if lp is not None and lp.cold and strategy in ("split", "average"):
+        mask = torch.zeros(n_exp, dtype=torch.bool)
+        mask[lp.cold] = True
+        if strategy == "split":
+            table, count = _replica_table(lp, n_exp)
+
+    def hook(module: nn.Module, args: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = output[0]
+        z = logits.float()
+        if scale is not None:
+            z = z * scale.to(z.device) + shift.to(z.device)
+        if mask is not None:
+            z = z.masked_fill(mask.to(z.device), MASK_LOGIT)
+        weights, idx = route(z, k, norm)
+        if table is not None:
+            rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+            j = rows % count.to(idx.device)[idx]
+            idx = table.to(idx.device)[idx, j]
+        return z.to(logits.dtype), weights.to(logits.dtype), idx
+
+    return hook
+
+
+def _average_pre_hook(lp: LayerPlan, n_exp: int) -> Any:
+    table, count = _replica_table(lp, n_exp)
+    n_max = table.shape[1]
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
+        hidden, idx, w = vals[0], vals[1], vals[2]
+        n = count.to(idx.device)[idx]  # [N, k]
+        w_mean = w / n.to(w.dtype)
+        extra = table.to(idx.device)[idx][..., 1:]  # [N, k, n_max - 1]
+        valid = torch.arange(1, n_max, device=idx.device) < n.unsqueeze(-1)
+        rows = idx.shape[0]
+        ext_idx = torch.where(valid, extra, idx.unsqueeze(-1)).reshape(rows, -1)
+        ext_w = torch.where(valid, w_mean.unsqueeze(-1), torch.zeros_like(w_mean).unsqueeze(-1)).reshape(rows, -1)
+        v = valid.reshape(rows, -1)
+        width = int(v.sum(dim=1).max()) if rows else 0
+        if width == 0:
+            return (hidden, idx, w_mean, *vals[3:]), kwargs
+        order = torch.sort(v.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
+        new_idx = torch.cat([idx, torch.gather(ext_idx, 1, order)], dim=1)
+        new_w = torch.cat([w_mean, torch.gather(ext_w, 1, order)], dim=1)
+        return (hidden, new_idx, new_w, *vals[3:]), kwargs
+
+    return pre_hook
+
+
+def install_romer(model: nn.Module, plan: ReplacementPlan | None, calibration: RouterCalibration | None,
+                  blocks: list[MoEBlock] | None = None) -> RomerHooks:
+    """Install the routing hooks of a replacement plan and/or a router calibration (weights untouched)."""
+    blocks = blocks if blocks is not None else find_moe_blocks(model)
+    hooks = RomerHooks(plan=plan, calibration=calibration)
+    strategy = plan.strategy if plan is not None else None
+    for b in blocks:
+        lp = plan.layer(b.layer) if plan is not None else None
+        affine = calibration.layers.get(b.layer) if calibration is not None else None
+        routed = lp is not None and bool(lp.cold) and strategy in ("split", "average")
+        if routed or (affine is not None and not affine.identity):
+            check_routable(b)
+            hooks.handles.append(b.router.register_forward_hook(_router_hook(b, affine, lp, strategy)))
+        if lp is not None and lp.cold and strategy == "average":
+            hooks.handles.append(b.experts.register_forward_pre_hook(_average_pre_hook(lp, b.num_experts),
+                                                                     with_kwargs=True))
+    return hooks
+
+
+def romer_meta(plan: ReplacementPlan | None, calibration: RouterCalibration | None, noise: dict[str, Any] | None,
+               metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``romer.json`` document."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "replacement": plan.to_dict() if plan is not None else None,
+        "router_calibration": calibration.to_dict() if calibration is not None else None,
+        "noise_model": noise,
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+
+
+def save_calibrated(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: ReplacementPlan | None,
+                    calibration: RouterCalibration | None, noise: dict[str, Any] | None,
+                    metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write the (clean, replaced) model as safetensors + config + tokenizer, and ``romer.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    meta = romer_meta(plan, calibration, noise, metrics, extra)
+    (out / ROMER_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return out
+
+
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    """``romer.json`` of a calibrated model directory (FileNotFoundError if it is not one)."""
+    path = Path(model_dir) / ROMER_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(model_dir)!r} is not a calibrated model (no {ROMER_JSON})")
+    meta = json.loads(path.read_text())
+    if int(meta.get("schema_version", 0)) > SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {meta['schema_version']} is newer than this romer "
+                         f"({SCHEMA_VERSION})")
+    return meta
+
+
+def attach_from_meta(model: nn.Module, meta: dict[str, Any]) -> RomerHooks:
+    """Install the hooks described by a ``romer.json`` document; kept on ``model.romer_hooks``."""
+    plan = ReplacementPlan.from_dict(meta["replacement"]) if meta.get("replacement") else None
+    calib = RouterCalibration.from_dict(meta["router_calibration"]) if meta.get("router_calibration") else None
+    hooks = install_romer(model, plan, calib)
+    model.romer_hooks = hooks  # type: ignore[assignment]  # lives with the model, not in a global
+    model.romer_meta = meta  # type: ignore[assignment]
+    return hooks
+
+
+def load_calibrated(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a calibrated model directory with its calibration active (hooks on ``model.romer_hooks``)."""
+    from romer.adapters import load_model
+
+    read_meta(model_dir)  # clear error if the directory is not a calibrated model
+    model = load_model(model_dir, dtype=dtype)  # load_model sees romer.json and attaches the hooks
+    if getattr(model, "romer_hooks", None) is None:  # pragma: no cover - load_model always attaches
+        attach_from_meta(model, read_meta(model_dir))
+    return model
