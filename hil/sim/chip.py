@@ -188,20 +188,52 @@ class SimChip:
         return self.clock
 
     # ---- non-volatile state --------------------------------------------------------------------
+    _STATE = ("g_prog", "nu", "t_prog", "programmed", "verified", "target")
+
     def save_state(self, path: Path) -> None:
-        """Persist what a real chip keeps when the host goes away (conductances are non-volatile)."""
+        """Snapshot what a real chip keeps when the host goes away (conductances are non-volatile)."""
         tmp = Path(str(path) + ".tmp.npz")
-        np.savez(tmp, g_prog=self.g_prog, nu=self.nu, t_prog=self.t_prog, programmed=self.programmed,
-                 verified=self.verified, target=self.target, clock=np.float64(self.clock), seed=np.int64(self.seed))
+        np.savez(tmp, clock=np.float64(self.clock), seed=np.int64(self.seed),
+                 **{k: getattr(self, k) for k in self._STATE})
         tmp.replace(path)
+        journal = Path(str(path) + ".journal")
+        if journal.exists():
+            journal.unlink()
+
+    def journal_program(self, path: Path, r: Region) -> None:
+        """Append one programming operation to the snapshot's journal: O(block), not O(chip)."""
+        with open(Path(str(path) + ".journal"), "ab") as fh:
+            np.save(fh, np.array([r.tile, r.row0, r.col0, r.nrows, r.ncols], np.int64), allow_pickle=False)
+            np.save(fh, np.array([self.clock]), allow_pickle=False)
+            for k in self._STATE:
+                np.save(fh, np.ascontiguousarray(self._view(getattr(self, k), r)), allow_pickle=False)
+            fh.flush()  # survives a killed process; power loss is not what the simulator models
 
     def load_state(self, path: Path) -> None:
-        with np.load(path) as z:
-            if int(z["seed"]) != self.seed:
-                raise ValueError(f"chip state {path} was written by a chip with seed {int(z['seed'])}, not {self.seed}")
-            for k in ("g_prog", "nu", "t_prog", "programmed", "verified", "target"):
-                if z[k].shape != getattr(self, k).shape:
-                    raise ValueError(f"chip state {path}: {k} has shape {z[k].shape}, "
-                                     f"chip has {getattr(self, k).shape}")
-                getattr(self, k)[...] = z[k]
-            self.clock = float(z["clock"])
+        """Load a snapshot, then replay its journal (a torn last record is ignored: it was never acknowledged)."""
+        path = Path(path)
+        if path.exists():
+            with np.load(path) as z:
+                if int(z["seed"]) != self.seed:
+                    raise ValueError(f"chip state {path} was written by a chip with seed {int(z['seed'])}, "
+                                     f"not {self.seed}")
+                for k in self._STATE:
+                    if z[k].shape != getattr(self, k).shape:
+                        raise ValueError(f"chip state {path}: {k} has shape {z[k].shape}, "
+                                         f"chip has {getattr(self, k).shape}")
+                    getattr(self, k)[...] = z[k]
+                self.clock = float(z["clock"])
+        journal = Path(str(path) + ".journal")
+        if journal.exists():
+            with open(journal, "rb") as fh:
+                while True:
+                    try:
+                        reg = np.load(fh, allow_pickle=False)
+                        clock = float(np.load(fh, allow_pickle=False)[0])
+                        arrays = [np.load(fh, allow_pickle=False) for _ in self._STATE]
+                    except (ValueError, EOFError, OSError):
+                        break
+                    r = Region(*(int(v) for v in reg))
+                    for k, a in zip(self._STATE, arrays, strict=True):
+                        self._view(getattr(self, k), r)[...] = a
+                    self.clock = max(self.clock, clock)

@@ -93,8 +93,11 @@ class SimDevice:
         self.txn_cache: OrderedDict[str, bytes] = OrderedDict()
         self.lock = threading.Lock()
         self.state_path = state_path
-        if state_path is not None and Path(state_path).exists():
-            chip.load_state(Path(state_path))
+        if state_path is not None:
+            sp = Path(state_path)
+            if sp.exists() or Path(str(sp) + ".journal").exists():
+                chip.load_state(sp)
+            chip.save_state(sp)  # compact: a fresh snapshot, an empty journal
 
     @property
     def profile(self) -> ChipProfile:
@@ -182,7 +185,7 @@ class SimDevice:
             while len(self.txn_cache) > TXN_CACHE:
                 self.txn_cache.popitem(last=False)
             if self.state_path is not None:
-                chip.save_state(Path(self.state_path))
+                chip.journal_program(Path(self.state_path), region)
             return reply
         if name == "READ:BLK?":
             return P.encode_block(chip.read(self._region(args)).tobytes())
