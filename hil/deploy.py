@@ -384,9 +384,9 @@ class Deployment:
             if not (np.array_equal(new.cond.g_pos, mm.cond.g_pos) and np.array_equal(new.cond.g_neg, mm.cond.g_neg)):
                 changed.add((mm.tensor, mm.matrix))
                 self.maps[i] = new
-        self.on_chip = [m for m in self.maps if any(m is x or (m.tensor, m.matrix) == (x.tensor, x.matrix)
-                                                    for x in self.on_chip)]
-        self.off_chip = [m for m in self.maps if (m.tensor, m.matrix) not in {(x.tensor, x.matrix) for x in self.on_chip}]
+        chip_keys = {(x.tensor, x.matrix) for x in self.on_chip}
+        self.on_chip = [m for m in self.maps if (m.tensor, m.matrix) in chip_keys]
+        self.off_chip = [m for m in self.maps if (m.tensor, m.matrix) not in chip_keys]
         self.targets = dict(b for mm in self.maps for b in blocks_of(mm))
         return changed
 
@@ -482,7 +482,8 @@ def run_deploy(cfg: DeployConfig, progress: ProgressFn | None = None,
                 m = dep.program_and_read(f, k, changed)
                 dep.emulate_overflow(noise, cfg.seed + k)
                 ppl, load, ov, _ = _evaluate(model, eval_ids, wcfg, clean_rec)
-                m.ppl, m.load_cv, m.load_max_mean, m.overlap, m.replaced = ppl, load.cv, load.max_mean, ov, replaced_total
+                m.ppl, m.load_cv, m.load_max_mean, m.overlap = ppl, load.cv, load.max_mean, ov
+                m.replaced = replaced_total
                 f[f"rounds/{k}"].attrs["metrics"] = json.dumps({**asdict(m), "romer": info}, default=str)
                 f.flush()
                 rounds.append(m)
