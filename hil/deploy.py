@@ -38,9 +38,13 @@ from hil.profile import ChipProfile
 from noise_fit.model import NoiseModel
 from noise_fit.presets import resolve
 from romer.adapters import find_moe_blocks, load_model, load_tokenizer, model_family
+from romer.calibrate import clean_logit_quantiles, fit_router_calibration, measure_load, token_batches
+from romer.calibrated import RomerHooks, install_romer
 from romer.inject import AnalogTensor, analog_tensors, noisy_matrix
 from romer.mapping import Conductances, MappingConfig, _tiled, conductance_to_weight, weight_to_conductance
 from romer.perplexity import WindowConfig, perplexity, tokenize_file
+from romer.replace import ReplaceConfig, ReplacementPlan, apply_replacement, plan_replacement
+from romer.router_calib import RouterCalibConfig
 from romer.stats import RoutingRecorder, overlap
 
 RUN_SCHEMA = "romer-hil/deploy"
@@ -65,6 +69,8 @@ class DeployConfig:
     t_read: float = 3600.0  # device time between programming and read-back, s
     rounds: int = 1  # ROMER recalibration rounds after the first deployment
     romer: bool = True
+    replace: ReplaceConfig = field(default_factory=ReplaceConfig)
+    router: RouterCalibConfig = field(default_factory=RouterCalibConfig)
     calib_text: str = DEFAULT_CALIB
     eval_text: str = DEFAULT_EVAL
     calib_tokens: int = 16384
@@ -432,26 +438,76 @@ def _sim_tiles_needed(model: torch.nn.Module, cfg: DeployConfig, rows: int, cols
     return max(1, plan_placement(blocks, 1 << 20, rows, cols).tiles_used)
 
 
-Recalibrator = Callable[["Deployment", torch.Tensor, int], dict[str, Any]]
+class RomerLoop:
+    """ROMER on the as-deployed model. Before programming a round: measure expert frequencies with the
+    weights the chip holds, plan the replacement and write it into the clean weights (so only the
+    replaced experts' blocks change), record the clean router-logit quantiles. After read-back: fit
+    the router calibration on the measured weights and install it."""
+
+    def __init__(self, dep: Deployment, calib_ids: torch.Tensor) -> None:
+        self.dep = dep
+        self.blocks = find_moe_blocks(dep.model)
+        self.batches = token_batches(calib_ids, dep.cfg.max_length, dep.cfg.batch_size)
+        # a calibrated checkpoint arrives with its replacement in the weights and its hooks installed
+        loaded: RomerHooks | None = getattr(dep.model, "romer_hooks", None)
+        self.plan: ReplacementPlan | None = loaded.plan if loaded is not None else None
+        self.preplanned = self.plan is not None
+        self.hooks: RomerHooks | None = loaded
+        self.clean_q: dict[int, np.ndarray] | None = None
+
+    def _remove_hooks(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+            if getattr(self.dep.model, "romer_hooks", None) is not None:
+                self.dep.model.romer_hooks = None
+
+    def before_programming(self, k: int) -> dict[str, Any]:
+        dep = self.dep
+        self._remove_hooks()
+        info: dict[str, Any] = {"round": k}
+        if self.plan is None:
+            counts, tokens = measure_load(dep.model, self.blocks, self.batches)  # as deployed
+            top_k = {b.layer: b.top_k for b in self.blocks}
+            self.plan = plan_replacement(counts, tokens, top_k, dep.cfg.replace)
+            dep.restore_clean()
+            apply_replacement(dep.model, self.plan, self.blocks)
+            # the replaced clean weights are the new reference for every later round
+            dep.clean = {at.name: at.param.detach().clone() for at in analog_tensors(dep.model, dep.cfg.parts)}
+            info["planned_on"] = "as-deployed weights"
+        else:
+            dep.restore_clean()
+            info["planned_on"] = "checkpoint" if self.preplanned else "round 1"
+        if self.clean_q is None:
+            self.clean_q = clean_logit_quantiles(dep.model, self.blocks, self.batches, dep.cfg.router, self.plan)
+        info["replaced"] = self.plan.n_replaced
+        info["strategy"] = self.plan.strategy
+        return info
+
+    def after_read_back(self) -> dict[str, Any]:
+        calib = fit_router_calibration(self.dep.model, self.blocks, self.batches, self.clean_q, self.dep.cfg.router,
+                                       self.plan)
+        self.hooks = install_romer(self.dep.model, self.plan, calib, self.blocks)
+        return {"router_mode": calib.mode, "plan": self.plan.to_dict() if self.plan else None}
 
 
-def run_deploy(cfg: DeployConfig, progress: ProgressFn | None = None,
-               recalibrate: Recalibrator | None = None) -> DeployResult:
+def run_deploy(cfg: DeployConfig, progress: ProgressFn | None = None) -> DeployResult:
     """Deploy, evaluate, recalibrate with ROMER on the as-deployed weights, redeploy; see module doc."""
     t_all = time.perf_counter()
     out = _check_paths(cfg)
     model = load_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     family = model_family(model)
-    find_moe_blocks(model)
     wcfg = WindowConfig(cfg.max_length, cfg.stride, cfg.batch_size)
     eval_ids = tokenize_file(cfg.eval_text, tokenizer, cfg.eval_tokens)
     calib_ids = tokenize_file(cfg.calib_text, tokenizer, cfg.calib_tokens)
     tiles = cfg.sim_tiles or _sim_tiles_needed(model, cfg, cfg.sim_rows, cfg.sim_cols)
     sim = SimOptions(cfg.sim_truth, cfg.sim_seed, ChipProfile(tiles=tiles, rows=cfg.sim_rows, cols=cfg.sim_cols))
     state = out.with_name(out.name + ".simchip.npz") if cfg.device == "sim" else None
-    if cfg.device == "sim" and not cfg.resume and state is not None and state.exists():
-        state.unlink()
+    if cfg.device == "sim" and not cfg.resume and state is not None:
+        for p in (state, Path(str(state) + ".journal")):
+            if p.exists():
+                p.unlink()
     with connect(cfg.device, cfg.timeout_s, sim, state) as drv:
         idn = drv.idn()
         drv.configure_programming(cfg.settings)
@@ -467,23 +523,24 @@ def run_deploy(cfg: DeployConfig, progress: ProgressFn | None = None,
             if f.attrs.get("device_idn") != idn:
                 raise DeployError(f"--resume: {out} was deployed on {f.attrs.get('device_idn')!r}, not {idn!r}")
             clean_ppl, clean_load, _, clean_rec = _evaluate(model, eval_ids, wcfg, None)
+            loop = RomerLoop(dep, calib_ids) if cfg.romer and cfg.rounds > 0 else None
             emulated = None
             rounds: list[RoundMetrics] = []
-            replaced_total = 0
             for k in range(cfg.rounds + 1):
                 changed = None
                 info: dict[str, Any] = {}
-                if k > 0:
-                    if not cfg.romer or recalibrate is None:
-                        break
-                    info = recalibrate(dep, calib_ids, k)  # edits clean weights / installs router calibration
+                if k > 0 and loop is not None:
+                    info = loop.before_programming(k)
                     changed = dep.set_targets_from_model()
-                    replaced_total = int(info.get("replaced", 0))
+                    if k > 1:  # later rounds: the chip has aged; read again after another t_read
+                        changed = changed or set()
                 m = dep.program_and_read(f, k, changed)
                 dep.emulate_overflow(noise, cfg.seed + k)
+                if k > 0 and loop is not None:
+                    info.update(loop.after_read_back())
                 ppl, load, ov, _ = _evaluate(model, eval_ids, wcfg, clean_rec)
                 m.ppl, m.load_cv, m.load_max_mean, m.overlap = ppl, load.cv, load.max_mean, ov
-                m.replaced = replaced_total
+                m.replaced = int(info.get("replaced", 0))
                 f[f"rounds/{k}"].attrs["metrics"] = json.dumps({**asdict(m), "romer": info}, default=str)
                 f.flush()
                 rounds.append(m)
@@ -494,7 +551,9 @@ def run_deploy(cfg: DeployConfig, progress: ProgressFn | None = None,
             f.close()
     placement = {"tiles": dep.profile.tiles, "tiles_used": dep.plan.tiles_used, "cells": dep.plan.cells,
                  "blocks": len(dep.plan.placed), "tensors_on_chip": len(dep.placed_tensors),
-                 "overflow_tensors": dep.overflow_tensors, "overflow": cfg.overflow}
+                 "overflow_tensors": dep.overflow_tensors, "overflow": cfg.overflow,
+                 "digital_parts": "everything not in --parts" + (f", layers outside {list(cfg.layers)}"
+                                                                 if cfg.layers is not None else "")}
     return DeployResult(out=str(out), model=cfg.model, family=family, device_idn=idn, clean_ppl=clean_ppl,
                         clean_load_cv=clean_load.cv, clean_load_max_mean=clean_load.max_mean, emulated_ppl=emulated,
                         rounds=rounds, placement=placement, noise_model=noise.name,
