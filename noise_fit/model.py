@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from noise_fit import _sampling
+
 SCHEMA = "romer-hil/noise-model"
 SCHEMA_VERSION = 1
 
@@ -179,14 +181,18 @@ class NoiseModel:
         return np.power((t + self.t0) / self.t0, -nu)
 
     # ---- sampling (vectorised, seeded) ----------------------------------------------------
-    def stuck_codes(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-        """0 = healthy, 1 = stuck low, 2 = stuck high (int8)."""
-        if self.p_stuck_low == 0.0 and self.p_stuck_high == 0.0:
-            return np.zeros(shape, dtype=np.int8)
-        u = rng.random(shape, dtype=np.float32)
+    # `programmed`, `at_time` and `sample` run the chunked, multithreaded kernels of
+    # noise_fit/_sampling.py: the same distributions as written in the class docstring, in the
+    # input's float dtype. Each call draws 128 bits from ``rng`` and gives chunk i (of ``chunk``
+    # elements) its own child generator, so the result is a deterministic function of the
+    # generator state and ``chunk``, independent of ``workers`` (threads; default min(4, CPUs)).
+    def stuck_codes(self, shape: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """0 = healthy, 1 = stuck low, 2 = stuck high (int8); each cell independently."""
         codes = np.zeros(shape, dtype=np.int8)
-        codes[u < self.p_stuck_low] = 1
-        codes[(u >= self.p_stuck_low) & (u < self.p_stuck_low + self.p_stuck_high)] = 2
+        lo, hi = _sampling.stuck_positions(codes.size, rng, self.p_stuck_low, self.p_stuck_high)
+        flat = codes.reshape(-1)
+        flat[lo] = 1
+        flat[hi] = 2
         return codes
 
     def drift_exponents(self, g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -197,55 +203,86 @@ class NoiseModel:
             rng.standard_normal(g.shape)
         return (np.abs(self.nu_mean(x) + self.nu_std(x) * z) * self.drift_scale).astype(dtype, copy=False)
 
-    def programmed(self, g_target: np.ndarray, rng: np.random.Generator,
-                   stuck: np.ndarray | None = None) -> np.ndarray:
+    def programmed(self, g_target: np.ndarray, rng: np.random.Generator, stuck: np.ndarray | None = None,
+                   *, workers: int | None = None, chunk: int = _sampling.DEFAULT_CHUNK) -> np.ndarray:
         """Conductances right after programming (t = 0). `stuck` codes are drawn if not given."""
-        g_target = np.asarray(g_target)
-        dtype = g_target.dtype if g_target.dtype in (np.float32, np.float64) else np.float64
-        g_target = g_target.astype(dtype, copy=False)
-        z = rng.standard_normal(g_target.shape, dtype=dtype)
-        g = g_target + self.sigma_prog(np.abs(g_target)).astype(dtype, copy=False) * z
-        self._floor(g)
+        src, out, flat = _prepare(g_target)
         if stuck is None:
-            stuck = self.stuck_codes(g_target.shape, rng)
-        if stuck.any():
-            g[stuck == 1] = self.g_stuck_low
-            g[stuck == 2] = self.stuck_high_value
-        return g
+            stuck = self.stuck_codes(out.shape, rng)
+        codes = _flat_like(stuck, out.shape, "stuck")
+        has_stuck = bool(codes.any())
+        plan = _sampling.Plan.make(self, 0.0)
+        empty = np.empty(0, np.intp)
 
-    def at_time(self, g_prog: np.ndarray, t: float, rng: np.random.Generator,
-                nu: np.ndarray | None = None, stuck: np.ndarray | None = None) -> np.ndarray:
+        def chunk_fn(a: int, b: int, gen: np.random.Generator, buf: _sampling._Buffers) -> None:
+            lo = hi = empty
+            if has_stuck:
+                lo, hi = np.flatnonzero(codes[a:b] == 1), np.flatnonzero(codes[a:b] == 2)
+            _sampling.prog_stage(plan, src[a:b], flat[a:b], gen, buf, lo, hi)
+
+        _sampling.run_chunks(flat.size, rng, flat.dtype, chunk_fn, workers, chunk)
+        return out
+
+    def at_time(self, g_prog: np.ndarray, t: float, rng: np.random.Generator, nu: np.ndarray | None = None,
+                stuck: np.ndarray | None = None, *, workers: int | None = None,
+                chunk: int = _sampling.DEFAULT_CHUNK) -> np.ndarray:
         """One read of programmed conductances at time t: drift, then read noise.
 
         ``nu`` (per-cell drift exponents) is drawn from nu(g_prog) when not given; pass the
         same ``nu`` for repeated reads of the same cells. Cells flagged in ``stuck`` do not drift.
         """
-        g_prog = np.asarray(g_prog)
-        dtype = g_prog.dtype if g_prog.dtype in (np.float32, np.float64) else np.float64
-        g_prog = g_prog.astype(dtype, copy=False)
         if t < 0:
             raise ValueError(f"read time t must be >= 0 s, got {t}")
-        if nu is None:
-            nu = self.drift_exponents(g_prog, rng)
-        if stuck is not None and stuck.any():
-            nu = np.where(stuck != 0, 0.0, nu).astype(dtype)
-        g = g_prog * self.drift_factor(nu, t).astype(dtype, copy=False)
-        sig = self.sigma_read(g, t).astype(dtype, copy=False)
-        if np.any(sig):
-            g = g + sig * rng.standard_normal(g.shape, dtype=dtype)
-        self._floor(g)
-        return g
+        src, out, flat = _prepare(g_prog)
+        nu_flat = None if nu is None else _flat_like(nu, out.shape, "nu")
+        codes = None if stuck is None else _flat_like(stuck, out.shape, "stuck")
+        has_stuck = codes is not None and bool(codes.any())
+        plan = _sampling.Plan.make(self, float(t))
+        empty = np.empty(0, np.intp)
+
+        def chunk_fn(a: int, b: int, gen: np.random.Generator, buf: _sampling._Buffers) -> None:
+            g = flat[a:b]
+            np.copyto(g, src[a:b])
+            held = np.flatnonzero(codes[a:b]) if has_stuck else empty
+            _sampling.drift_stage(plan, g, gen, buf, None if nu_flat is None else nu_flat[a:b], held)
+            _sampling.read_stage(plan, g, gen, buf)
+
+        _sampling.run_chunks(flat.size, rng, flat.dtype, chunk_fn, workers, chunk)
+        return out
+
+    def sample_into(self, g_target: np.ndarray, t: float, rng: np.random.Generator, out: np.ndarray | None = None,
+                    *, workers: int | None = None, chunk: int = _sampling.DEFAULT_CHUNK) -> np.ndarray:
+        """Target -> programmed (stuck cells included) -> one read at time t, fused per chunk.
+
+        Same law as ``at_time(programmed(g, rng, stuck), t, rng, stuck=stuck)``. ``out`` (optional)
+        must be C-contiguous, of g_target's shape and of its float dtype (float32 or float64;
+        other inputs compute in float64); it may be ``g_target`` itself (in place).
+        """
+        if t < 0:
+            raise ValueError(f"read time t must be >= 0 s, got {t}")
+        src, out, flat = _prepare(g_target, out)
+        plan = _sampling.Plan.make(self, float(t))
+        p_low, p_high = self.p_stuck_low, self.p_stuck_high
+
+        def chunk_fn(a: int, b: int, gen: np.random.Generator, buf: _sampling._Buffers) -> None:
+            lo, hi = _sampling.stuck_positions(b - a, gen, p_low, p_high, buf.f64)
+            g = flat[a:b]
+            _sampling.prog_stage(plan, src[a:b], g, gen, buf, lo, hi)
+            _sampling.drift_stage(plan, g, gen, buf, None, np.concatenate([lo, hi]) if lo.size + hi.size else lo)
+            _sampling.read_stage(plan, g, gen, buf)
+
+        _sampling.run_chunks(flat.size, rng, flat.dtype, chunk_fn, workers, chunk)
+        return out
 
     def _floor(self, g: np.ndarray) -> None:
         """Physical conductances are never negative; the ``direct`` mapping stores signed values."""
         if self.mapping != "direct":
             np.maximum(g, 0.0, out=g)
 
-    def sample(self, g_target: np.ndarray, t: float, rng: np.random.Generator) -> np.ndarray:
-        """Target -> programmed -> read at time t, in one call."""
-        stuck = self.stuck_codes(np.shape(g_target), rng)
-        g_prog = self.programmed(g_target, rng, stuck=stuck)
-        return self.at_time(g_prog, t, rng, stuck=stuck)
+    def sample(self, g_target: np.ndarray, t: float, rng: np.random.Generator,
+               *, workers: int | None = None, chunk: int = _sampling.DEFAULT_CHUNK) -> np.ndarray:
+        """Target -> programmed -> read at time t, in one call (a new array; see `sample_into`)."""
+        return self.sample_into(g_target, t, rng, workers=workers, chunk=chunk)
 
     def scaled(self, prog: float | None = None, read: float | None = None,
                drift: float | None = None) -> NoiseModel:
@@ -309,6 +346,28 @@ class NoiseModel:
         except json.JSONDecodeError as e:
             raise NoiseModelError(f"{p}: not valid JSON ({e})") from None
         return cls.from_dict(d, where=str(p))
+
+
+def _prepare(a: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat contiguous source in the work dtype, result array, flat view of the result)."""
+    a = np.asarray(a)
+    dt = _sampling.work_dtype(a)
+    src = np.ascontiguousarray(a, dtype=dt).reshape(-1)
+    if out is None:
+        out = np.empty(a.shape, dt)
+    elif out.shape != a.shape or out.dtype != dt or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous {dt} array of shape {a.shape}, "
+                         f"got {out.dtype} {out.shape}")
+    return src, out, out.reshape(-1)
+
+
+def _flat_like(a: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``a`` broadcast to ``shape``, flat and contiguous (a view when it already is)."""
+    try:
+        b = np.broadcast_to(np.asarray(a), shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {np.shape(a)} does not match the array shape {shape}") from None
+    return np.ascontiguousarray(b).reshape(-1)
 
 
 def _json_default(o: Any) -> Any:
