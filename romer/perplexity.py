@@ -147,17 +147,32 @@ def cached_dataset_text(name: str, config: str | None = None, split: str = "test
     Joined with "\\n\\n" as in the HF WikiText-2 recipe. Raises if `datasets` is not installed
     or the dataset is not cached.
     """
-    try:
-        import datasets  # optional dependency
-    except ImportError:
-        raise RuntimeError("the 'datasets' package is not installed; pass a text file instead") from None
+    import importlib.util
     import os
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if importlib.util.find_spec("datasets") is None:
+        raise RuntimeError("the 'datasets' package is not installed; pass a text file instead")
+    previous = os.environ.get("HF_DATASETS_OFFLINE")
+    os.environ["HF_DATASETS_OFFLINE"] = "1"  # before the import: datasets reads it then; only for this call
     try:
-        ds = datasets.load_dataset(name, config, split=split, download_mode="reuse_cache_if_exists")
+        import datasets
+
+        cfg_mod = getattr(datasets, "config", None)
+        old_flag = getattr(cfg_mod, "HF_DATASETS_OFFLINE", None)
+        if cfg_mod is not None and old_flag is not None:
+            cfg_mod.HF_DATASETS_OFFLINE = True  # already imported elsewhere: force offline anyway
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        finally:
+            if cfg_mod is not None and old_flag is not None:
+                cfg_mod.HF_DATASETS_OFFLINE = old_flag
     except Exception as e:  # noqa: BLE001 - any failure means "not in the local cache"
         raise RuntimeError(f"dataset {name!r} ({config}, {split}) is not in the local cache: {e}") from None
+    finally:
+        if previous is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = previous
     return "\n\n".join(ds[column])
 
 

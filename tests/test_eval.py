@@ -124,3 +124,14 @@ def test_strong_pcm_noise_unbalances_trained_model() -> None:
     assert res.noisy_cv_mean > res.clean_load.cv
     assert res.overlap_mean < 0.9
     assert res.noisy_ppl_mean > res.clean_ppl
+
+
+def test_uncached_dataset_is_a_clean_error() -> None:
+    import importlib.util
+
+    from romer.perplexity import cached_dataset_text
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets installed: the cache may hold the data set")
+    with pytest.raises(RuntimeError, match="datasets"):
+        cached_dataset_text("wikitext", "wikitext-2-raw-v1")

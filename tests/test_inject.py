@@ -175,3 +175,17 @@ def test_second_injection_without_restore_is_refused() -> None:
         inject_noise(model, resolve("pcm"), seed=1)
     h.restore()
     inject_noise(model, resolve("pcm"), seed=1).restore()
+
+
+def test_pcm_differential_noise_matches_device_statistics() -> None:
+    """W = +max|W| everywhere: g+ targets g_max, g- targets 0; ΔW·s must have the spread of two devices."""
+    pcm = resolve("pcm").scaled(read=0.0)
+    w = np.full((256, 256), 0.5, dtype=np.float32)
+    mcfg = MappingConfig(mapping="differential", g_max=pcm.g_max)
+    out = noisy_matrix(w, pcm, mcfg, 0.0, np.random.default_rng(0), drift_compensation=False)
+    dg = (out - w) * (pcm.g_max / 0.5)  # back to µS
+    rng = np.random.default_rng(1)
+    g_pos = pcm.programmed(np.full(w.size, pcm.g_max, np.float32), rng)
+    ref = g_pos - pcm.programmed(np.zeros(w.size, np.float32), rng) - pcm.g_max
+    assert dg.std() == pytest.approx(ref.std(), rel=0.03)
+    assert dg.mean() == pytest.approx(ref.mean(), abs=0.03)
