@@ -20,11 +20,14 @@ def main() -> int:
             continue
         print(f"\n== {mod} ==")
         t0 = time.perf_counter()
+        argv, sys.argv = sys.argv, [mod]  # each benchmark parses its own (empty) command line
         try:
             importlib.import_module(f"bench.{mod}").main()
         except Exception as e:  # one broken benchmark must not hide the others
             failed += 1
             print(f"FAILED: {type(e).__name__}: {e}")
+        finally:
+            sys.argv = argv
         print(f"({time.perf_counter() - t0:.1f} s)")
     return 1 if failed else 0
 

@@ -44,11 +44,20 @@ class SimPhysics:
 def chip_truth(spec: str = "pcm-chip") -> NoiseModel:
     """Ground truth of the simulated chip. ``pcm-chip`` (the default) is the published PCM model
     (Joshi et al. 2020) plus stuck-at faults at rates we assume (0.5 % low, 0.2 % high; the paper
-    gives none) so that fitting has stuck cells to find. Anything else goes to `presets.resolve`."""
-    if spec == "pcm-chip":
+    gives none) so that fitting has stuck cells to find; ``pcm-chip@4`` scales its programming
+    noise 4x (a noisier chip). Anything else goes to `presets.resolve`."""
+    name, _, scale = spec.partition("@")
+    if name == "pcm-chip":
         base = pcm_joshi2020()
-        return replace(base, name="pcm-joshi2020+stuck", p_stuck_low=0.005, p_stuck_high=0.002,
-                       provenance={**base.provenance, "stuck": "assumed rates, not published"})
+        model = replace(base, name="pcm-joshi2020+stuck", p_stuck_low=0.005, p_stuck_high=0.002,
+                        provenance={**base.provenance, "stuck": "assumed rates, not published"})
+        if scale:
+            try:
+                model = model.scaled(prog=float(scale))
+            except ValueError:
+                raise ValueError(f"truth {spec!r}: scale after '@' must be a number") from None
+            model = replace(model, name=f"{model.name}@{scale}")
+        return model
     return resolve(spec)
 
 
