@@ -1,0 +1,5 @@
+"""`python -m hil` is the `hil` command."""
+
+from hil.cli import app
+
+app()
