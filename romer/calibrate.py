@@ -237,8 +237,8 @@ def fit_router_calibration(model: nn.Module, blocks: list[MoEBlock],
 
 # ---------------------------------------------------------------- the orchestration
 
-class _Session:
-    """A loaded model, its blocks, token batches and injector: the state one `calibrate` call shares."""
+class CalibrationSession:
+    """A loaded model, its blocks, calibration batches and injectors: state shared by `calibrate` and sweeps."""
 
     def __init__(self, cfg: CalibrateConfig, model: nn.Module, calib_ids: torch.Tensor) -> None:
         self.cfg = cfg
@@ -257,31 +257,35 @@ class _Session:
     def _time(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
-    def clean_q(self, plan: ReplacementPlan | None) -> dict[int, np.ndarray] | None:
-        if self.cfg.router.mode in ("none", "reference_free"):
+    def clean_q(self, plan: ReplacementPlan | None, rcfg: RouterCalibConfig | None = None
+                ) -> dict[int, np.ndarray] | None:
+        rcfg = rcfg or self.cfg.router
+        if rcfg.mode in ("none", "reference_free"):
             return None
-        key = json.dumps(plan.to_dict() if plan else None, sort_keys=True)
+        key = json.dumps([plan.to_dict() if plan else None, list(rcfg.quantiles)], sort_keys=True)
         if key not in self._clean_q:
             t0 = time.perf_counter()
-            self._clean_q[key] = clean_logit_quantiles(self.model, self.blocks, self.calib, self.cfg.router, plan)
+            self._clean_q[key] = clean_logit_quantiles(self.model, self.blocks, self.calib, rcfg, plan)
             self._time("clean_quantiles", t0)
         return self._clean_q[key]
 
-    def plan_on(self, seed: int) -> ReplacementPlan:
-        """Replacement plan from the load of noisy instance ``seed`` on calibration text."""
+    def plan_on(self, seed: int | None, replace: ReplaceConfig | None = None) -> ReplacementPlan:
+        """Replacement plan from the load of noisy instance ``seed`` (None: clean) on calibration text."""
         t0 = time.perf_counter()
-        with self.injector.inject(self.model, seed):
+        with self.injector.inject(self.model, seed) if seed is not None else _null():
             counts, tokens = measure_load(self.model, self.blocks, self.calib)
-        plan = plan_replacement(counts, tokens, {b.layer: b.top_k for b in self.blocks}, self.cfg.replace)
+        plan = plan_replacement(counts, tokens, {b.layer: b.top_k for b in self.blocks}, replace or self.cfg.replace)
         self._time("load_and_plan", t0)
         return plan
 
-    def router_on(self, seed: int, plan: ReplacementPlan | None) -> RouterCalibration:
-        """Router calibration fitted on noisy instance ``seed`` (model already replaced by ``plan``)."""
-        clean_q = self.clean_q(plan)
+    def router_on(self, seed: int | None, plan: ReplacementPlan | None, rcfg: RouterCalibConfig | None = None
+                  ) -> RouterCalibration:
+        """Router calibration fitted on noisy instance ``seed`` (None: clean; model already replaced by ``plan``)."""
+        rcfg = rcfg or self.cfg.router
+        clean_q = self.clean_q(plan, rcfg)
         t0 = time.perf_counter()
-        with self.injector.inject(self.model, seed):
-            calib = fit_router_calibration(self.model, self.blocks, self.calib, clean_q, self.cfg.router, plan)
+        with self.injector.inject(self.model, seed) if seed is not None else _null():
+            calib = fit_router_calibration(self.model, self.blocks, self.calib, clean_q, rcfg, plan)
         self._time("router_fit", t0)
         return calib
 
@@ -309,6 +313,18 @@ class _Session:
                   for layer, c in rec.counts.items()}
         self._time("evaluate", t0)
         return ppl, LoadStats.from_counts(counts, rec.tokens)
+
+
+    def variant(self, eval_ids: torch.Tensor, seed: int | None, replace: ReplaceConfig | None,
+                router: RouterCalibConfig | None, calib_seed: int | None = None) -> tuple[float, LoadStats]:
+        """One ablation variant on instance ``seed`` (None: clean), calibrated on ``calib_seed`` (default: seed)."""
+        cs = seed if calib_seed is None else calib_seed
+        plan = self.plan_on(cs, replace) if replace is not None and replace.m > 0 else None
+        calib = None
+        if router is not None and router.mode != "none":
+            with apply_replacement(self.model, plan, self.blocks) if plan else _null():
+                calib = self.router_on(cs, plan, router)
+        return self.evaluate(eval_ids, seed, plan, calib)
 
 
 class _null:
@@ -361,7 +377,7 @@ def calibrate(cfg: CalibrateConfig, progress: Progress | None = None, model: nn.
     calib_ids = tokenize_file(cfg.calib_text, tokenizer, cfg.calib_tokens)
     if calib_ids.numel() < 2:
         raise ValueError("the calibration text gives fewer than 2 tokens")
-    s = _Session(cfg, model, calib_ids)
+    s = CalibrationSession(cfg, model, calib_ids)
     use_replace = cfg.replace.m > 0
     use_router = cfg.router.mode != "none"
 
@@ -402,7 +418,7 @@ def calibrate(cfg: CalibrateConfig, progress: Progress | None = None, model: nn.
     return result
 
 
-def run_table(s: _Session, eval_ids: torch.Tensor,
+def run_table(s: CalibrationSession, eval_ids: torch.Tensor,
               held: tuple[ReplacementPlan | None, RouterCalibration | None],
               tick: Callable[[str, int, int], None]) -> dict[str, ConditionResult]:
     """Every condition of ``s.cfg.conditions`` over the evaluation seeds."""
