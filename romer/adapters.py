@@ -30,6 +30,7 @@ FAMILIES: dict[str, str] = {
     "deepseek_v3": "deepseek_v3",
 }
 V1_FAMILY = "deepseek_moe_v1"
+_V1_MARKS = ("deepseek-moe", V1_FAMILY)  # config.romer_family written by scripts/train_tiny_moe.py
 ALL_FAMILIES: tuple[str, ...] = (*FAMILIES.values(), V1_FAMILY)
 
 
@@ -62,7 +63,8 @@ def model_family(model: nn.Module) -> str:
     """Family name of a loaded model, or UnsupportedModelError naming its class."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type == "qwen2_moe" and getattr(config, "romer_source_family", None) == V1_FAMILY:
+    if model_type == "qwen2_moe" and (getattr(config, "romer_source_family", None) == V1_FAMILY
+                                      or getattr(config, "romer_family", None) in _V1_MARKS):
         return V1_FAMILY
     if model_type in FAMILIES:
         return FAMILIES[model_type]

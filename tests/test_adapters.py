@@ -163,3 +163,12 @@ def test_deepseek_v1_checkpoint_round_trip(tmp_path: Path) -> None:
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, build_model(V1_CONFIG, sd)(ids).logits)
+
+
+def test_trained_v1_marker_is_recognised() -> None:
+    """scripts/train_tiny_moe.py marks its DeepSeek-MoE v1 stand-in with config.romer_family."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("qwen2_moe")
+    cfg.romer_family = "deepseek-moe"
+    assert model_family(AutoModelForCausalLM.from_config(cfg)) == V1_FAMILY
