@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         tile: str = typer.Option(None, "--tile", help="crossbar tile size, e.g. 256x256 (own scale per tile)"),
         workers: int = typer.Option(1, "--workers", help="threads for noise injection"),
         heatmap: Path = typer.Option(None, "--heatmap", help="PNG prefix for load heatmaps"),
+        dtype: str = typer.Option("float32", "--dtype", help="model dtype: float32, bfloat16"),
+        backup: str = typer.Option("memory", "--backup", help="clean-weight backup: memory or disk (big models)"),
     ) -> None:
         """Perplexity (mean ± std over noise seeds), load CV, max/mean and top-k overlap, clean vs noisy."""
         from rich.console import Console
@@ -61,7 +63,7 @@ def register(app: typer.Typer) -> None:
                 max_length=window, stride=stride, batch_size=batch_size, max_tokens=max_tokens or None,
                 parts=tuple(p.strip() for p in parts.split(",") if p.strip()), t_read=t_read,
                 drift_compensation=drift_comp, per_row=per_row, tile=_parse_tile(tile), workers=workers,
-                heatmap=heatmap)
+                heatmap=heatmap, dtype=dtype, backup=backup)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console, transient=True) as bar:
                 tasks: dict[str, int] = {}

@@ -54,7 +54,8 @@ class EvalConfig:
     tile: tuple[int, int] | None = None
     workers: int = 1
     heatmap: str | Path | None = None  # PNG prefix: <prefix>_clean.png, <prefix>_noisy.png (first seed)
-    dtype: str = "float32"
+    dtype: str = "float32"  # "bfloat16" halves memory (a 7B model needs it, with backup="disk")
+    backup: str = "memory"  # clean-weight backup during injection: "memory" or "disk"
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.dataset is None):
@@ -128,7 +129,10 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None, model: Any = Non
     t_all = time.perf_counter()
     noise = resolve(cfg.noise)
     if model is None:
-        model = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
+        dtype = getattr(torch, cfg.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {cfg.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        model = load_model(cfg.model, dtype=dtype)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model)
     family = model_family(model)
@@ -138,7 +142,7 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None, model: Any = Non
     n_windows = len(windows(ids.numel(), cfg.max_length, cfg.stride))
     injector = NoiseInjector(noise, InjectConfig(parts=cfg.parts, t_read=cfg.t_read,
                                                  drift_compensation=cfg.drift_compensation, per_row=cfg.per_row,
-                                                 tile=cfg.tile, workers=cfg.workers))
+                                                 tile=cfg.tile, workers=cfg.workers, backup=cfg.backup))
 
     def prog(stage: str) -> Callable[[int], None] | None:
         return None if progress is None else (lambda n: progress(stage, n, n_windows))

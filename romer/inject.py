@@ -6,7 +6,8 @@ projection; rows blocks when a single matrix is very large): torch -> numpy zero
 float32), weights -> conductances (`romer.mapping`) -> the noise model's own
 ``stuck_codes`` / ``programmed`` / ``at_time`` (the maths stays in `noise_fit`) -> weights,
 written back into the parameter. Clean copies of the touched tensors are kept in their own
-dtype (memory) or in a temporary safetensors file (disk) and restored bit-exactly.
+dtype (memory) or as raw bytes in temporary files, one per tensor (disk, for models that do not
+fit twice), and restored bit-exactly.
 
 Determinism: every matrix draws from its own generator seeded by (seed, crc32(parameter
 name), matrix index[, row block]); the same seed gives identical noisy weights whatever else
@@ -58,7 +59,7 @@ class InjectConfig:
     drift_compensation: bool = True
     per_row: bool = False
     tile: tuple[int, int] | None = None
-    backup: str = "memory"  # "memory" (clones, model dtype) or "disk" (temporary safetensors)
+    backup: str = "memory"  # "memory" (clones, model dtype) or "disk" (temporary raw files, one per tensor)
     workers: int = 1  # threads over matrices; numpy's RNG and ufuncs release the GIL
     max_chunk_elems: int = 1 << 24  # larger matrices are processed in row blocks
 
@@ -201,11 +202,9 @@ class InjectHandle:
         self.model.__dict__.pop(_MARK, None)
         with torch.no_grad():
             if self._disk is not None:
-                from safetensors import safe_open
-
-                with safe_open(str(self._disk / "clean.safetensors"), framework="pt") as f:
-                    for at in self.tensors:
-                        at.param.copy_(f.get_tensor(at.name))
+                for i, at in enumerate(self.tensors):  # one tensor in memory at a time
+                    raw = np.fromfile(self._disk / f"{i}.bin", dtype=np.uint8)
+                    at.param.copy_(torch.from_numpy(raw).view(at.param.dtype).view(at.param.shape))
                 for p in self._disk.iterdir():
                     p.unlink()
                 self._disk.rmdir()
@@ -278,11 +277,11 @@ class NoiseInjector:
                 raise ValueError(f"{at.name}: parameter is not contiguous")
         handle = InjectHandle(model=model, tensors=tensors, seed=seed, config=self.config)
         if self.config.backup == "disk":
-            from safetensors.torch import save_file
-
+            # raw bytes, one file per tensor: never more than one tensor copied in memory at a time
             d = Path(tempfile.mkdtemp(prefix="romer-clean-"))
-            save_file({at.name: at.param.detach() for at in tensors}, str(d / "clean.safetensors"))
             handle._disk = d
+            for i, at in enumerate(tensors):
+                at.param.detach().reshape(-1).view(torch.uint8).numpy().tofile(d / f"{i}.bin")
         else:
             handle._backup = {at.name: at.param.detach().clone() for at in tensors}
         try:

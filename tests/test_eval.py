@@ -99,7 +99,7 @@ def test_cli_eval(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     args = ["eval", "--model", str(tiny_dir), "--noise", "pcm@4", "--text", str(tiny_dir.parent / "text.txt"),
             "--seeds", "2", "--window", "64", "--stride", "64", "--max-tokens", "300", "--json", str(out),
-            "--parts", "experts,router"]
+            "--parts", "experts,router", "--backup", "disk"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "clean" in r.output and "noisy mean" in r.output

@@ -154,10 +154,11 @@ def test_row_blocks_keep_the_per_matrix_scale() -> None:
             torch.testing.assert_close(v, clean[k], rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_model_restores_exactly() -> None:
+@pytest.mark.parametrize("backup", ["memory", "disk"])
+def test_bfloat16_model_restores_exactly(backup: str) -> None:
     model = tiny("mixtral").to(torch.bfloat16)
     clean = snapshot(model)
-    with inject_noise(model, resolve("pcm@2"), InjectConfig(parts=("experts", "router")), seed=0):
+    with inject_noise(model, resolve("pcm@2"), InjectConfig(parts=("experts", "router"), backup=backup), seed=0):
         assert not torch.equal(clean["model.layers.0.mlp.experts.down_proj"],
                                model.state_dict()["model.layers.0.mlp.experts.down_proj"])
     assert all(torch.equal(clean[k], v) for k, v in model.state_dict().items())
