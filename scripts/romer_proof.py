@@ -58,6 +58,7 @@ def variants() -> dict[str, tuple[ReplaceConfig | None, RouterCalibConfig | None
         "replace copy m=8": (ReplaceConfig(strategy="copy", m=8), None, "same"),
         "replace split m=8": (ReplaceConfig(strategy="split", m=8), None, "same"),
         "replace average m=4": (ReplaceConfig(strategy="average", m=4), None, "same"),
+        "replace average m=32": (ReplaceConfig(strategy="average", m=32), None, "same"),
         "replace average m=8": (ReplaceConfig(strategy="average", m=8), None, "same"),
         "replace average m=16": (ReplaceConfig(strategy="average", m=16), None, "same"),
         "router layer": (None, RouterCalibConfig(mode="layer"), "same"),
@@ -66,6 +67,7 @@ def variants() -> dict[str, tuple[ReplaceConfig | None, RouterCalibConfig | None
         "router reference_free": (None, RouterCalibConfig(mode="reference_free"), "same"),
         "romer default, held-out instance": (ReplaceConfig(), RouterCalibConfig(), "held_out"),
         "replace average m=8, no noise": (ReplaceConfig(strategy="average", m=8), None, "clean"),
+        "replace average m=32, no noise": (ReplaceConfig(strategy="average", m=32), None, "clean"),
         "router reference_free, no noise": (None, RouterCalibConfig(mode="reference_free"), "clean"),
     }
 
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation-seeds", type=int, default=3)
     ap.add_argument("--ablation-eval-tokens", type=int, default=16384)
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--no-tables", action="store_true", help="ablations only")
     ap.add_argument("--random", action="store_true", help="random-init stand-ins when a checkpoint is missing")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", type=Path, default=REPO / "results")
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["random"] = True
         model, tok = load_model(d), load_tokenizer(d)
         label = f"{PAPER[name][0]}-style ({model_family(model)})"
-        for noise in [n.strip() for n in args.noises.split(",") if n.strip()]:
+        for noise in [] if args.no_tables else [n.strip() for n in args.noises.split(",") if n.strip()]:
             cfg = CalibrateConfig(model=d, noise=noise, calib_text=CALIB, eval_text=EVAL, seeds=args.seeds,
                                   calib_mode=args.calib_mode, calib_tokens=args.calib_tokens,
                                   eval_tokens=args.eval_tokens)
