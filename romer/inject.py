@@ -32,7 +32,6 @@ import os
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ class InjectConfig:
     tile: tuple[int, int] | None = None
     backup: str = "memory"  # "memory" (clones, model dtype) or "disk" (temporary raw files, one per tensor)
     workers: int = 1  # threads over matrices; numpy's RNG and ufuncs release the GIL
-    max_chunk_elems: int = 1 << 24  # larger matrices are processed in row blocks
+    block_elems: int = 1 << 22  # larger matrices go in row blocks of about this many weights (bounds memory)
 
     def __post_init__(self) -> None:
         parts = tuple(self.parts)
@@ -157,28 +156,41 @@ def _read_devices(noise: NoiseModel, g: np.ndarray, t: float, rng: np.random.Gen
     return g_t, (g_prog if want_prog else None)
 
 
-def noisy_matrix(w: np.ndarray, noise: NoiseModel, mapping: MappingConfig, t: float, rng: np.random.Generator,
-                 drift_compensation: bool = True, scale: np.ndarray | None = None) -> np.ndarray:
-    """Weights [..., R, C] as read back from the chip at time t (numpy in, numpy out, same dtype)."""
+def _noisy_block(w: np.ndarray, noise: NoiseModel, mapping: MappingConfig, t: float, rng: np.random.Generator,
+                 want_sums: bool, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uncompensated read-back weights, and per-matrix sums mean|g_eff(0)|, mean|g_eff(t)| (x size)."""
     c = weight_to_conductance(w, mapping, scale)
-    gp, gp0 = _read_devices(noise, c.g_pos, t, rng, drift_compensation)
+    gp, gp0 = _read_devices(noise, c.g_pos, t, rng, want_sums)
     if c.g_neg is not None:
-        gn, gn0 = _read_devices(noise, c.g_neg, t, rng, drift_compensation)
+        gn, gn0 = _read_devices(noise, c.g_neg, t, rng, want_sums)
         c.g_pos, c.g_neg = gp, gn
         eff0 = None if gp0 is None else gp0 - gn0
     else:
         c.g_pos = gp
         eff0 = gp0
+    num = den = np.zeros(0)
     if eff0 is not None:
-        eff = c.effective
-        lead = tuple(range(eff.ndim - 4, eff.ndim))  # per matrix (tiled layout [..., nR, tr, nC, tc])
-        num = np.abs(eff0).sum(axis=lead, keepdims=True, dtype=np.float64)
-        den = np.abs(eff).sum(axis=lead, keepdims=True, dtype=np.float64)
-        alpha = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0).astype(eff.dtype)
-        c.g_pos = c.g_pos * alpha
-        if c.g_neg is not None:
-            c.g_neg = c.g_neg * alpha
-    return conductance_to_weight(c).astype(w.dtype, copy=False)
+        axes = tuple(range(eff0.ndim - 4, eff0.ndim))  # per matrix (tiled layout [..., nR, tr, nC, tc])
+        num = np.abs(eff0).sum(axis=axes, dtype=np.float64)
+        den = np.abs(c.effective).sum(axis=axes, dtype=np.float64)
+    return conductance_to_weight(c).astype(w.dtype, copy=False), num, den
+
+
+def _alpha(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+
+
+def noisy_matrix(w: np.ndarray, noise: NoiseModel, mapping: MappingConfig, t: float, rng: np.random.Generator,
+                 drift_compensation: bool = True, scale: np.ndarray | None = None) -> np.ndarray:
+    """Weights [..., R, C] as read back from the chip at time t (numpy in, numpy out, same dtype).
+
+    With drift compensation each matrix is rescaled by mean|g_eff(0)| / mean|g_eff(t)|; the map
+    back to weights is linear, so this equals rescaling its conductances.
+    """
+    out, num, den = _noisy_block(w, noise, mapping, t, rng, drift_compensation, scale)
+    if drift_compensation:
+        out *= _alpha(num, den).astype(out.dtype)[..., None, None]
+    return out
 
 
 @dataclass
@@ -238,31 +250,36 @@ class NoiseInjector:
         self.mapping = MappingConfig(mapping=noise.mapping, g_max=noise.g_max,
                                      per_row=self.config.per_row, tile=self.config.tile)
 
-    def _jobs(self, at: AnalogTensor) -> Iterator[tuple[int, int, slice, np.ndarray | None]]:
-        """(matrix index, row block, row slice, explicit scale) work items for one tensor."""
-        r, c = at.matrix_shape[-2:]
-        rows = r
-        if r * c > self.config.max_chunk_elems:
-            rows = max(1, self.config.max_chunk_elems // c)
-            if self.mapping.tile is not None:
-                rows = max(self.mapping.tile[0], rows // self.mapping.tile[0] * self.mapping.tile[0])
-        view = at.param.detach().reshape(at.matrix_shape).reshape(-1, r, c)
-        for m in range(view.shape[0]):
-            scale = None
-            if rows < r and self.mapping.tile is None and not self.mapping.per_row:
-                amax = float(view[m].abs().max())  # one scale for the whole matrix across row blocks
-                scale = np.full((1, 1, 1, 1), self.mapping.g_max / amax if amax > 0 else 1.0, dtype=np.float32)
-            for b, r0 in enumerate(range(0, r, rows)):
-                yield m, b, slice(r0, min(r, r0 + rows)), scale
+    def _block_rows(self, r: int, c: int) -> int:
+        """Rows per block: about `block_elems` weights (cache-sized), whole tiles when tiled."""
+        rows = min(r, max(1, self.config.block_elems // c))
+        if self.mapping.tile is not None and rows < r:
+            tr = self.mapping.tile[0]
+            rows = min(r, max(tr, rows // tr * tr))
+        return rows
 
-    def _process(self, at: AnalogTensor, seed: int, m: int, b: int, rs: slice, scale: np.ndarray | None) -> None:
+    def _process(self, at: AnalogTensor, seed: int, m: int) -> None:
+        """One matrix, in row blocks; per-matrix scale and drift compensation across blocks."""
         r, c = at.matrix_shape[-2:]
-        dst = at.param.detach().view(-1, r, c)[m, rs]
-        src = dst.numpy() if dst.dtype == torch.float32 else dst.float().numpy()
-        rng = _matrix_rng(seed, at.name, m, b)
-        out = noisy_matrix(src, self.noise, self.mapping, self.config.t_read, rng,
-                           self.config.drift_compensation, scale)
-        dst.copy_(torch.from_numpy(out))
+        mat = at.param.detach().view(-1, r, c)[m]
+        rows = self._block_rows(r, c)
+        scale = None
+        if rows < r and self.mapping.tile is None and not self.mapping.per_row:
+            amax = float(mat.abs().max())  # one scale for the whole matrix across row blocks
+            scale = np.full((1, 1, 1, 1), self.mapping.g_max / amax if amax > 0 else 1.0, dtype=np.float32)
+        comp = self.config.drift_compensation
+        num = den = 0.0
+        for b, r0 in enumerate(range(0, r, rows)):
+            dst = mat[r0:r0 + rows]
+            src = dst.numpy() if dst.dtype == torch.float32 else dst.float().numpy()
+            out, n_b, d_b = _noisy_block(src, self.noise, self.mapping, self.config.t_read,
+                                         _matrix_rng(seed, at.name, m, b), comp, scale)
+            if comp:
+                num, den = num + float(n_b.sum()), den + float(d_b.sum())
+            dst.copy_(torch.from_numpy(out))
+        if comp:
+            alpha = float(_alpha(np.float64(num), np.float64(den)))
+            mat.mul_(alpha)
 
     def inject(self, model: nn.Module, seed: int) -> InjectHandle:
         """Replace the selected weights by noisy reads, in place; returns the restore handle."""
@@ -286,13 +303,13 @@ class NoiseInjector:
             handle._backup = {at.name: at.param.detach().clone() for at in tensors}
         try:
             with torch.no_grad():
-                jobs = [(at, m, b, rs, sc) for at in tensors for m, b, rs, sc in self._jobs(at)]
+                jobs = [(at, m) for at in tensors for m in range(at.n_matrices)]
                 if self.config.workers > 1:
                     with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
-                        list(pool.map(lambda j: self._process(j[0], seed, *j[1:]), jobs))
+                        list(pool.map(lambda j: self._process(j[0], seed, j[1]), jobs))
                 else:
-                    for at, m, b, rs, sc in jobs:
-                        self._process(at, seed, m, b, rs, sc)
+                    for at, m in jobs:
+                        self._process(at, seed, m)
         except BaseException:
             handle.restore()
             raise

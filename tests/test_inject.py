@@ -149,7 +149,7 @@ def test_row_blocks_keep_the_per_matrix_scale() -> None:
     model = tiny("olmoe")
     silent = resolve("pcm").scaled(prog=0.0, read=0.0, drift=0.0)
     clean = snapshot(model)
-    with inject_noise(model, silent, InjectConfig(parts=("all",), max_chunk_elems=64), seed=0):
+    with inject_noise(model, silent, InjectConfig(parts=("all",), block_elems=64), seed=0):
         for k, v in model.state_dict().items():
             torch.testing.assert_close(v, clean[k], rtol=1e-5, atol=1e-6)
 
@@ -190,3 +190,15 @@ def test_pcm_differential_noise_matches_device_statistics() -> None:
     ref = g_pos - pcm.programmed(np.zeros(w.size, np.float32), rng) - pcm.g_max
     assert dg.std() == pytest.approx(ref.std(), rel=0.03)
     assert dg.mean() == pytest.approx(ref.mean(), abs=0.03)
+
+
+def test_drift_compensation_spans_row_blocks() -> None:
+    """Drift only: after compensation every matrix keeps its sum |W|, even when split into row blocks."""
+    model = tiny("olmoe")
+    drift_only = resolve("pcm").scaled(prog=0.0, read=0.0)
+    down = model.model.layers[0].mlp.experts.down_proj
+    clean = down.detach().clone()
+    with inject_noise(model, drift_only, InjectConfig(block_elems=64), seed=0):
+        assert not torch.equal(down, clean)
+        torch.testing.assert_close(down.detach().abs().sum(dim=(1, 2)), clean.abs().sum(dim=(1, 2)), rtol=1e-4,
+                                   atol=0)
