@@ -1,6 +1,7 @@
 """Benchmark of the ROMER core: noise injection time and memory, eval tokens/s clean vs noisy + hooks.
 
-Run: ``.venv/bin/python -m bench.bench_romer_core [--big-layers 2] [--skip-big] [--workers 1 2]``.
+Run: ``.venv/bin/python -m bench.bench_romer_core [--big-layers 2] [--skip-big] [--workers 1 2]
+[--backups memory disk]``. RSS GB is the process's resident memory while the noise is in.
 
 - tiny: the trained checkpoints under data/models/ (olmoe-tiny, qwen2moe-tiny, deepseekmoe-tiny)
   when present, else random models of the same shape as FINDINGS.md (4 layers, hidden 128,
@@ -39,6 +40,7 @@ class Row:
     inject_s: float
     restore_s: float
     workers: int
+    backup: str
     ns_per_weight: float
     rss_gb: float
     tok_s_clean: float
@@ -67,17 +69,17 @@ def tokens_per_s(model: torch.nn.Module, ids: torch.Tensor, wcfg: WindowConfig, 
 
 
 def bench_model(name: str, model: torch.nn.Module, ids: torch.Tensor, wcfg: WindowConfig, noise: str,
-                parts: tuple[str, ...], workers: int) -> Row:
+                parts: tuple[str, ...], workers: int, backup: str = "memory") -> Row:
     clean = tokens_per_s(model, ids, wcfg, hooks=False)
-    h = inject_noise(model, resolve(noise), InjectConfig(parts=parts, workers=workers), seed=0)
+    h = inject_noise(model, resolve(noise), InjectConfig(parts=parts, workers=workers, backup=backup), seed=0)
     cur, _ = rss_gb()
     noisy = tokens_per_s(model, ids, wcfg, hooks=True)
     t = time.perf_counter()
     h.restore()
     restore = time.perf_counter() - t
     n = sum(p.numel() for p in model.parameters())
-    return Row(name, n / 1e6, h.n_weights / 1e6, h.seconds, restore, workers, h.seconds / max(h.n_weights, 1) * 1e9,
-               cur, clean, noisy)
+    ns = h.seconds / max(h.n_weights, 1) * 1e9
+    return Row(name, n / 1e6, h.n_weights / 1e6, h.seconds, restore, workers, backup, ns, cur, clean, noisy)
 
 
 def tiny_models() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
@@ -118,11 +120,11 @@ def print_table(rows: list[Row]) -> None:
     from rich.table import Table
 
     t = Table(title="romer core: noise injection (pcm, differential, t = 1 h, drift comp.) and eval throughput")
-    for c in ("model", "params M", "analog M", "workers", "inject s", "ns/weight", "restore s", "RSS GB",
+    for c in ("model", "params M", "analog M", "workers", "backup", "inject s", "ns/weight", "restore s", "RSS GB",
               "tok/s clean", "tok/s noisy+hooks"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(r.model, f"{r.params_m:.1f}", f"{r.analog_m:.1f}", str(r.workers), f"{r.inject_s:.3f}",
+        t.add_row(r.model, f"{r.params_m:.1f}", f"{r.analog_m:.1f}", str(r.workers), r.backup, f"{r.inject_s:.3f}",
                   f"{r.ns_per_weight:.0f}", f"{r.restore_s:.3f}", f"{r.rss_gb:.2f}", f"{r.tok_s_clean:.0f}",
                   f"{r.tok_s_noisy:.0f}")
     Console(width=200).print(t)
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--noise", default="pcm")
+    ap.add_argument("--backups", nargs="+", default=["memory", "disk"], help="backups tried on the big model")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: list[Row] = []
@@ -153,8 +156,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         ids = torch.randint(0, 50304, (1024,), generator=torch.Generator().manual_seed(0))
         big_w = WindowConfig(max_length=512, stride=512, batch_size=1)
         for w in args.workers:
-            rows.append(bench_model(f"olmoe-shape {args.big_layers}L", model, ids, big_w, args.noise,
-                                    ("experts",), w))
+            for b in args.backups:
+                rows.append(bench_model(f"olmoe-shape {args.big_layers}L", model, ids, big_w, args.noise,
+                                        ("experts",), w, b))
         _, peak = rss_gb()
         print(f"big model: built in {build:.1f} s, weights {after - before:.2f} GB RSS, process peak {peak:.2f} GB")
     print_table(rows)
