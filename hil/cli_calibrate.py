@@ -26,11 +26,12 @@ def register(app: typer.Typer) -> None:
         calib_mode: str = typer.Option("per_seed", "--calib-mode", help="per_seed (default) or held_out"),
         calib_seed: int = typer.Option(10_000, "--calib-seed", help="noise instance the saved calibration is fit on"),
         strategy: str = typer.Option("average", "--strategy", help="replacement: average, split or copy"),
-        m: int = typer.Option(8, "--m", help="experts replaced per layer (0: no replacement)"),
-        select: str = typer.Option("bottom", "--select", help="bottom (m least used) or threshold"),
-        threshold: float = typer.Option(0.5, "--threshold", help="cold below this share of the uniform load"),
-        router_mode: str = typer.Option("layer", "--router-mode",
-                                        help="router calibration: layer, expert, reference_free or none"),
+        m: int = typer.Option(None, "--m", help="experts replaced per layer (0: no replacement; default: library's)"),
+        select: str = typer.Option("threshold", "--select", help="threshold (default) or bottom (m least used)"),
+        threshold: float = typer.Option(0.25, "--threshold", help="cold below this share of the uniform load"),
+        router_mode: str = typer.Option(None, "--router-mode",
+                                        help="router calibration: reference_free, layer, expert, expert_keep_scale "
+                                             "or none (default: library's)"),
         parts: str = typer.Option("experts,shared,router", "--parts", help="analog parts (see hil eval)"),
         calib_tokens: int = typer.Option(16384, "--calib-tokens"),
         eval_tokens: int = typer.Option(32768, "--eval-tokens"),
@@ -53,8 +54,9 @@ def register(app: typer.Typer) -> None:
             cfg = CalibrateConfig(
                 model=model, noise=noise, calib_text=calib_text, out=out, eval_text=eval_text, seeds=seeds,
                 seed0=seed0, calib_mode=calib_mode, calib_seed=calib_seed,
-                replace=ReplaceConfig(strategy=strategy, select=select, m=m, threshold=threshold),
-                router=RouterCalibConfig(mode=router_mode),
+                replace=ReplaceConfig(strategy=strategy, select=select, m=ReplaceConfig.m if m is None else m,
+                                      threshold=threshold),
+                router=RouterCalibConfig(mode=router_mode or RouterCalibConfig.mode),
                 parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
                 calib_tokens=calib_tokens, eval_tokens=eval_tokens, max_length=window, stride=window,
                 batch_size=batch_size)
@@ -75,7 +77,7 @@ def register(app: typer.Typer) -> None:
 
         n_rep = sum(len(lp["cold"]) for lp in (result.plan or {}).get("layers", []))
         console.print(f"{result.family}: replaced {n_rep} expert slot(s) ({strategy}), router calibration "
-                      f"{router_mode}, fit on noise instance {calib_seed}; wrote {result.out}")
+                      f"{cfg.router.mode}, fit on noise instance {calib_seed}; wrote {result.out}")
         if result.conditions:
             table = Table(title=f"{result.family}: {model}  noise {result.noise['name']} "
                                 f"(prog×{result.noise['prog_scale']:g}), {result.n_eval_tokens} eval tokens, "

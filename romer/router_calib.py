@@ -11,6 +11,9 @@ Modes (`RouterCalibConfig.mode`):
   experts' matched quantiles (noisy vs clean). FINDINGS: it matched or beat per-expert maps;
   the gain comes from restoring the router's overall logit scale (b cancels in softmax).
 - ``expert``: one affine map per expert, least squares on that expert's matched quantiles.
+- ``expert_keep_scale``: the per-expert maps, divided by their mean slope so that the layer's
+  overall (noisy) logit scale is kept: only the experts' relative offsets and spreads are
+  restored (the ablations showed that shrinking noisy logits back to the clean scale hurts).
 - ``reference_free``: no clean reference: per expert, centre on the median and divide by the
   inter-percentile range (q_hi - q_lo), then multiply by the layer's mean range so the overall
   logit scale is kept (FINDINGS: without that the clean model lost 15-45 %).
@@ -37,7 +40,7 @@ from torch import nn
 
 from romer.adapters import MoEBlock
 
-MODES = ("layer", "expert", "reference_free", "none")
+MODES = ("layer", "expert", "expert_keep_scale", "reference_free", "none")
 DEFAULT_QUANTILES: tuple[float, ...] = tuple(float(q) for q in np.round(np.linspace(0.05, 0.95, 19), 4))
 
 
@@ -45,7 +48,7 @@ DEFAULT_QUANTILES: tuple[float, ...] = tuple(float(q) for q in np.round(np.linsp
 class RouterCalibConfig:
     """How router logits are calibrated."""
 
-    mode: str = "layer"
+    mode: str = "reference_free"
     quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     ipr: tuple[float, float] = (0.05, 0.95)  # inter-percentile range of ``reference_free``
     sequential: bool = True  # fit layer l with layers < l already calibrated (their outputs feed layer l)
@@ -161,6 +164,11 @@ def fit_layer(layer: int, noisy_logits: torch.Tensor, clean_q: np.ndarray | None
     else:
         for e in keep:
             scale[e], shift[e] = _lsq(noisy_q[e], clean_q[e])
+        if cfg.mode == "expert_keep_scale":
+            mean_a = float(np.mean([scale[e] for e in keep]))
+            if mean_a > 0 and not all(scale[e] == 1.0 and shift[e] == 0.0 for e in keep):
+                for e in keep:
+                    scale[e], shift[e] = scale[e] / mean_a, shift[e] / mean_a
     return LayerAffine(layer, scale, shift)
 
 

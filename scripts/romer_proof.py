@@ -55,19 +55,23 @@ def variants() -> dict[str, tuple[ReplaceConfig | None, RouterCalibConfig | None
     """name -> (replacement, router calibration, instance): 'same' (calibrate on the eval instance), 'held_out'
     (calibrate on instance 10000), 'clean' (no noise at all: the cost of replacement itself)."""
     return {
-        "replace copy m=8": (ReplaceConfig(strategy="copy", m=8), None, "same"),
-        "replace split m=8": (ReplaceConfig(strategy="split", m=8), None, "same"),
-        "replace average m=4": (ReplaceConfig(strategy="average", m=4), None, "same"),
-        "replace average m=32": (ReplaceConfig(strategy="average", m=32), None, "same"),
-        "replace average m=8": (ReplaceConfig(strategy="average", m=8), None, "same"),
-        "replace average m=16": (ReplaceConfig(strategy="average", m=16), None, "same"),
+        "replace copy m=8": (ReplaceConfig(strategy="copy", select="bottom", m=8), None, "same"),
+        "replace split m=8": (ReplaceConfig(strategy="split", select="bottom", m=8), None, "same"),
+        "replace average threshold 0.25 (m<=4, default)": (ReplaceConfig(), None, "same"),
+        "replace average m=2": (ReplaceConfig(strategy="average", select="bottom", m=2), None, "same"),
+        "replace average m=4": (ReplaceConfig(strategy="average", select="bottom", m=4), None, "same"),
+        "replace average m=32": (ReplaceConfig(strategy="average", select="bottom", m=32), None, "same"),
+        "replace average m=8": (ReplaceConfig(strategy="average", select="bottom", m=8), None, "same"),
+        "replace average m=16": (ReplaceConfig(strategy="average", select="bottom", m=16), None, "same"),
         "router layer": (None, RouterCalibConfig(mode="layer"), "same"),
         "router layer one-pass": (None, RouterCalibConfig(mode="layer", sequential=False), "same"),
+        "router reference_free one-pass": (None, RouterCalibConfig(mode="reference_free", sequential=False), "same"),
         "router expert": (None, RouterCalibConfig(mode="expert"), "same"),
+        "router expert_keep_scale": (None, RouterCalibConfig(mode="expert_keep_scale"), "same"),
         "router reference_free": (None, RouterCalibConfig(mode="reference_free"), "same"),
         "romer default, held-out instance": (ReplaceConfig(), RouterCalibConfig(), "held_out"),
-        "replace average m=8, no noise": (ReplaceConfig(strategy="average", m=8), None, "clean"),
-        "replace average m=32, no noise": (ReplaceConfig(strategy="average", m=32), None, "clean"),
+        "romer average m=4 + reference_free": (ReplaceConfig(select="bottom", m=4), RouterCalibConfig(), "same"),
+        "replace average m=4, no noise": (ReplaceConfig(strategy="average", select="bottom", m=4), None, "clean"),
         "router reference_free, no noise": (None, RouterCalibConfig(mode="reference_free"), "clean"),
     }
 
@@ -213,7 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random", action="store_true", help="random-init stand-ins when a checkpoint is missing")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", type=Path, default=REPO / "results")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None,
+                    help="merge the proof.json of these directories (runs in parallel processes) into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        parts = [json.loads((d / "proof.json").read_text()) for d in args.merge]
+        doc = {**parts[0], "tables": [t for p in parts for t in p["tables"]],
+               "ablations": {k: v for p in parts for k, v in p["ablations"].items()},
+               "seconds": max(p.get("seconds", 0.0) for p in parts),
+               "command": " ; ".join(p["command"] for p in parts) + " (parallel processes, merged)",
+               "random": any(p["random"] for p in parts)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "proof.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        write_markdown(doc, args.out / "proof.md")
+        print(f"merged {len(parts)} runs into {args.out / 'proof.json'} and {args.out / 'proof.md'}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()

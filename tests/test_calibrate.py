@@ -46,7 +46,7 @@ def olmoe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small(d: Path, **kw: object) -> CalibrateConfig:
     base = dict(model=d, noise="pcm@16", calib_text=d.parent / "calib.txt", seeds=2, calib_tokens=512,
-                eval_tokens=512, max_length=64, stride=64, batch_size=4, replace=ReplaceConfig(m=2))
+                eval_tokens=512, max_length=64, stride=64, batch_size=4, replace=ReplaceConfig(select="bottom", m=2))
     base.update(kw)
     return CalibrateConfig(**base)  # type: ignore[arg-type]
 

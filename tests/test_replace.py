@@ -40,12 +40,12 @@ def plan_for(strategy: str) -> ReplacementPlan:
 def test_plan_bottom_and_threshold() -> None:
     counts = {0: np.array([50, 1, 30, 80, 40, 2, 60, 37])}
     tokens, k = {0: 150}, {0: 2}
-    p = plan_replacement(counts, tokens, k, ReplaceConfig(m=2))
+    p = plan_replacement(counts, tokens, k, ReplaceConfig(select="bottom", m=2))
     assert p.layers[0].cold == [1, 5] and p.layers[0].source == [3, 6]
     # uniform share k/E = 0.25 per token; threshold 0.5 -> share < 0.125 -> count < 18.75
     p = plan_replacement(counts, tokens, k, ReplaceConfig(select="threshold", threshold=0.5, m=8))
     assert p.layers[0].cold == [1, 5]
-    p = plan_replacement(counts, tokens, k, ReplaceConfig(m=2, copies_per_expert=2))
+    p = plan_replacement(counts, tokens, k, ReplaceConfig(select="bottom", m=2, copies_per_expert=2))
     assert p.layers[0].source == [3, 3]
     assert ReplacementPlan.from_dict(p.to_dict()).to_dict() == p.to_dict()
     with pytest.raises(ValueError):

@@ -40,7 +40,7 @@ def test_route_matches_the_routers_own_topk(family: str, norm: bool) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["layer", "expert"])
+@pytest.mark.parametrize("mode", ["layer", "expert", "expert_keep_scale"])
 def test_identity_when_clean_and_noisy_coincide(family: str, mode: str) -> None:
     model = tiny(family)
     blocks = find_moe_blocks(model)
@@ -75,6 +75,9 @@ def test_fit_recovers_a_known_affine_distortion() -> None:
     np.testing.assert_allclose(np.array(a.scale) * [1.0, -1.0, 0.5, 0.0] + a.shift, 0.0, atol=1e-6)
     lay = fit_layer(0, clean * 3.0, q, RouterCalibConfig(mode="layer"))
     np.testing.assert_allclose(lay.scale, 1 / 3, rtol=1e-6)
+    keep = fit_layer(0, noisy, q, RouterCalibConfig(mode="expert_keep_scale"))
+    np.testing.assert_allclose(np.mean(keep.scale), 1.0)  # the layer's overall (noisy) scale is kept
+    np.testing.assert_allclose(np.array(keep.scale) / np.array(a.scale), 1 / np.mean(a.scale))
     skip = fit_layer(0, noisy, q, cfg, skip={1})
     assert skip.scale[1] == 1.0 and skip.shift[1] == 0.0
 
