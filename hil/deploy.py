@@ -291,35 +291,42 @@ class Deployment:
             f.flush()
         reprog = g["reprogram"][:].astype(bool)
         done = g["program_done"]
-        todo = np.flatnonzero(reprog & (done[:] == 0))
-        for n, b in enumerate(todo):
-            p = placed[b]
-            sl = slice(self.offsets[b], self.offsets[b + 1])
-            pulses, verified = self._program_region(p.region, self.targets[p.key], f"{run_id}-r{k}-b{b}")
-            g["pulses"][sl] = pulses
-            g["verified"][sl] = verified
+        by_tile = self._blocks_by_tile()
+        todo_tiles = [t for t, bs in by_tile.items() if any(reprog[b] and not done[b] for b in bs)]
+        for n, tile in enumerate(todo_tiles):
+            bs = [b for b in by_tile[tile] if reprog[b]]
+            image = np.full((self.profile.rows, self.profile.cols), np.nan, np.float32)
+            for b in bs:
+                r = placed[b].region
+                image[r.row0:r.row0 + r.nrows, r.col0:r.col0 + r.ncols] = self.targets[placed[b].key]
+            pulses, verified = self._program_tile(tile, image, f"{run_id}-r{k}-t{tile}")
+            lo, hi = self.offsets[by_tile[tile][0]], self.offsets[by_tile[tile][-1] + 1]
+            g["pulses"][lo:hi] = self._gather(by_tile[tile], pulses, g["pulses"][lo:hi], bs)
+            g["verified"][lo:hi] = self._gather(by_tile[tile], verified, g["verified"][lo:hi], bs)
+            done[bs] = 1  # after the data: a block is marked done only once its results are on disk
             f.flush()
-            done[b] = 1
-            f.flush()
-            self.report(f"program r{k}", n + 1, len(todo))
+            self.report(f"program r{k}", n + 1, len(todo_tiles))
         if "t_program_end" not in g.attrs:
             g.attrs["t_program_end"] = self.drv.clock()
             f.flush()
         t_read = float(g.attrs["t_program_end"]) + self.cfg.t_read
         rdone = g["read_done"]
         measured: dict[BlockKey, np.ndarray] = {}
-        if rdone[:].all():
-            allm = g["measured"][:]
-        else:
+        if not rdone[:].all():
             self.drv.wait_until(t_read)
-            for b, p in enumerate(placed):
-                sl = slice(self.offsets[b], self.offsets[b + 1])
-                if not rdone[b]:
-                    g["measured"][sl] = self._read_region(p.region)
-                    rdone[b] = 1
-                self.report(f"read r{k}", b + 1, len(placed))
-            f.flush()
-            allm = g["measured"][:]
+            for n, (tile, bs) in enumerate(by_tile.items()):
+                if rdone[bs].all():
+                    continue
+                image = self._read_tile(tile, bs)
+                lo, hi = self.offsets[bs[0]], self.offsets[bs[-1] + 1]
+                g["measured"][lo:hi] = np.concatenate([
+                    image[placed[b].region.row0:placed[b].region.row0 + placed[b].region.nrows,
+                          placed[b].region.col0:placed[b].region.col0 + placed[b].region.ncols].reshape(-1)
+                    for b in bs])
+                rdone[bs] = 1
+                f.flush()
+                self.report(f"read r{k}", n + 1, len(by_tile))
+        allm = g["measured"][:]
         for b, p in enumerate(placed):
             measured[p.key] = allm[self.offsets[b]:self.offsets[b + 1]].reshape(p.region.nrows, p.region.ncols)
         err_num = err_den = 0.0
@@ -341,21 +348,52 @@ class Deployment:
             weight_rel_error=float(np.sqrt(err_num / err_den)) if err_den else 0.0,
             seconds=time.perf_counter() - t_start)
 
-    def _program_region(self, r: P.Region, targets: np.ndarray, txn: str) -> tuple[np.ndarray, np.ndarray]:
-        rows_per = max(1, self.profile.block_max_cells // r.ncols)
-        ps, vs = [], []
-        for i, r0 in enumerate(range(0, r.nrows, rows_per)):
-            n = min(rows_per, r.nrows - r0)
-            sub = P.Region(r.tile, r.row0 + r0, r.col0, n, r.ncols)
-            p, v = self.drv.program_block(sub, targets[r0:r0 + n], txn=f"{txn}-{i}")
-            ps.append(p)
-            vs.append(v)
-        return np.concatenate(ps), np.concatenate(vs)
+    def _blocks_by_tile(self) -> dict[int, list[int]]:
+        """Placed block indices per tile; placement fills tiles in order, so each list is contiguous."""
+        out: dict[int, list[int]] = {}
+        for b, p in enumerate(self.plan.placed):
+            out.setdefault(p.region.tile, []).append(b)
+        return out
 
-    def _read_region(self, r: P.Region) -> np.ndarray:
-        rows_per = max(1, self.profile.block_max_cells // r.ncols)
-        return np.concatenate([self.drv.read_block(P.Region(r.tile, r.row0 + r0, r.col0, min(rows_per, r.nrows - r0),
-                                                            r.ncols)) for r0 in range(0, r.nrows, rows_per)])
+    def _gather(self, tile_blocks: list[int], image: np.ndarray, current: np.ndarray, chosen: list[int]) -> np.ndarray:
+        """Per-block values (in placed order) of a tile image; blocks not chosen keep ``current``."""
+        out = current.copy()
+        chosen_set = set(chosen)
+        base = self.offsets[tile_blocks[0]]
+        for b in tile_blocks:
+            if b in chosen_set:
+                r = self.plan.placed[b].region
+                out[self.offsets[b] - base:self.offsets[b + 1] - base] = \
+                    image[r.row0:r.row0 + r.nrows, r.col0:r.col0 + r.ncols].reshape(-1)
+        return out
+
+    def _row_chunks(self, bs: list[int]) -> list[tuple[int, int]]:
+        lo = min(self.plan.placed[b].region.row0 for b in bs)
+        hi = max(self.plan.placed[b].region.row0 + self.plan.placed[b].region.nrows for b in bs)
+        step = max(1, self.profile.block_max_cells // self.profile.cols)
+        return [(r0, min(step, hi - r0)) for r0 in range(lo, hi, step)]
+
+    def _program_tile(self, tile: int, image: np.ndarray, txn: str) -> tuple[np.ndarray, np.ndarray]:
+        """One write-verify command per row chunk of the tile; NaN cells are left untouched."""
+        pulses = np.zeros(image.shape, np.int16)
+        verified = np.full(image.shape, -1, np.int8)
+        rows = np.flatnonzero(~np.isnan(image).all(axis=1))
+        step = max(1, self.profile.block_max_cells // self.profile.cols)
+        for r0 in range(int(rows.min()), int(rows.max()) + 1, step):
+            n = min(step, self.profile.rows - r0)
+            chunk = image[r0:r0 + n]
+            if np.isnan(chunk).all():
+                continue
+            p, v = self.drv.program_block(P.Region(tile, r0, 0, n, self.profile.cols), chunk, txn=f"{txn}-{r0}")
+            pulses[r0:r0 + n] = p.reshape(n, -1)
+            verified[r0:r0 + n] = v.reshape(n, -1)
+        return pulses, verified
+
+    def _read_tile(self, tile: int, bs: list[int]) -> np.ndarray:
+        image = np.full((self.profile.rows, self.profile.cols), np.nan, np.float32)
+        for r0, n in self._row_chunks(bs):
+            image[r0:r0 + n] = self.drv.read_block(P.Region(tile, r0, 0, n, self.profile.cols)).reshape(n, -1)
+        return image
 
     def _param_matrix(self, tensor: str, m: int) -> torch.Tensor:
         at = next(t for t in self.tensors if t.name == tensor)

@@ -160,12 +160,17 @@ class ChipDriver:
             raise ValueError(f"region of {r.size} cells exceeds the chip's block limit {p.block_max_cells}")
 
     def program_block(self, region: P.Region, targets_us: np.ndarray, txn: str) -> tuple[np.ndarray, np.ndarray]:
-        """Write-verify one block. Returns (pulses, verified) per cell. Safe to retry (txn id)."""
+        """Write-verify one block (NaN targets are skipped). Returns (pulses, verified) per cell; verified is
+        1/0, or -1 for skipped cells. Safe to retry (txn id)."""
         self.check_region(region)
         p = self.profile()
         t = np.asarray(targets_us, dtype=np.float32).reshape(-1)
-        if not np.all(np.isfinite(t)) or t.min() < p.g_min or t.max() > p.g_max:
-            raise SafetyError(f"targets must be finite and within the chip range [{p.g_min}, {p.g_max}] µS")
+        given = t[~np.isnan(t)]  # NaN: leave the cell untouched
+        if np.isinf(given).any() or (given.size and (given.min() < p.g_min or given.max() > p.g_max)):
+            raise SafetyError(f"targets must be finite (NaN to skip a cell) and within the chip range "
+                              f"[{p.g_min}, {p.g_max}] µS")
+        if given.size == 0:
+            return np.zeros(region.size, np.int16), np.full(region.size, -1, np.int8)
         payload = self.ask_block(P.cmd_program_block(txn, region, t), f"PROG:BLK {txn}")
         return P.parse_program_reply(payload, region.size)
 

@@ -110,18 +110,23 @@ class SimChip:
 
     # ---- operations --------------------------------------------------------------------------
     def program(self, r: Region, targets: np.ndarray, s: ProgramSettings) -> tuple[np.ndarray, np.ndarray]:
-        """Write-verify a block to targets (µS). Returns per-cell pulse counts and verified flags."""
+        """Write-verify a block to targets (µS); NaN targets leave their cells untouched.
+
+        Returns per-cell pulse counts and verified flags (1 verified, 0 failed, -1 skipped)."""
         self.check_region(r)
         p, ph, truth = self.profile, self.physics, self.truth
-        tgt = np.asarray(targets, dtype=np.float32).reshape(r.nrows, r.ncols)
-        if not np.all(np.isfinite(tgt)) or tgt.min() < p.g_min or tgt.max() > p.g_max:
-            raise ValueError(f"targets must be finite and within [{p.g_min}, {p.g_max}] µS")
+        raw = np.asarray(targets, dtype=np.float32).reshape(r.nrows, r.ncols)
+        sel = ~np.isnan(raw)
+        tgt = np.where(sel, raw, np.float32(p.g_min))
+        if np.isinf(tgt).any() or tgt.min() < p.g_min or tgt.max() > p.g_max:
+            raise ValueError(f"targets must be finite (or NaN to skip) and within [{p.g_min}, {p.g_max}] µS")
         rng = self._rng(_OP_PROGRAM, r.tile, r.row0, r.col0, r.nrows, r.ncols, self._clock_key())
         stuck = self._view(self.stuck, r)
         gain = self._view(self.gain, r)
-        g = np.where(stuck == 0, np.float32(ph.reset_level), self._view(self.g_prog, r)).astype(np.float32)
+        healthy = (stuck == 0) & sel
+        g = np.where(healthy, np.float32(ph.reset_level), self._view(self.g_prog, r)).astype(np.float32)
         pulses = np.zeros(tgt.shape, dtype=np.int16)
-        active = stuck == 0
+        active = healthy.copy()
         verify_sigma = truth.read_scale * np.maximum(truth.read_sigma(tgt / truth.g_max), 0.0)
         verify_sigma = (verify_sigma * np.maximum(tgt, ph.reset_level) / np.sqrt(VERIFY_AVERAGES)).astype(np.float32)
         span = p.g_max - p.g_min
@@ -138,23 +143,22 @@ class SimChip:
             g = np.where(active, np.clip(g + step, 0.0, ph.adc_headroom * p.g_max), g).astype(np.float32)
             pulses += active
         # the last verify passed for cells no longer active; stuck cells never verify
-        verified = (~active) & (stuck == 0)
+        verified = (~active) & healthy
         # post-verify relaxation: the spread the truth's sigma_prog describes, less what the loop left
         sig_prog = truth.sigma_prog(tgt).astype(np.float32)
         sig_relax = np.sqrt(np.maximum(sig_prog ** 2 - s.tolerance_us ** 2 / 3.0, 0.0))
         relaxed = np.maximum(g + sig_relax * rng.standard_normal(g.shape, dtype=np.float32), 0.0)
-        g = np.where(stuck == 0, relaxed, g)
+        g = np.where(healthy, relaxed, g)
         x = tgt / truth.g_max
         nu = np.abs(truth.nu_mean(x) + truth.nu_std(x) * self._view(self.nu_z, r)) * truth.drift_scale
         self.clock += int(pulses.max(initial=0)) * ph.pulse_time_s * r.nrows
-        self._view(self.g_prog, r)[...] = g
-        self._view(self.nu, r)[...] = np.where(stuck == 0, nu, 0.0)
-        self._view(self.t_prog, r)[...] = self.clock
-        self._view(self.programmed, r)[...] = True
-        self._view(self.verified, r)[...] = verified
-        self._view(self.target, r)[...] = tgt
-        pulses[stuck != 0] = s.max_pulses
-        return pulses.reshape(-1), verified.reshape(-1).astype(np.int8)
+        for name, value in (("g_prog", g), ("nu", np.where(stuck == 0, nu, 0.0)), ("t_prog", self.clock),
+                            ("programmed", True), ("verified", verified), ("target", tgt)):
+            view = self._view(getattr(self, name), r)
+            view[sel] = value[sel] if isinstance(value, np.ndarray) else value
+        pulses[(stuck != 0) & sel] = s.max_pulses
+        flags = np.where(sel, verified, -1).astype(np.int8)
+        return pulses.reshape(-1), flags.reshape(-1)
 
     def true_conductance(self, r: Region) -> np.ndarray:
         """Noise-free conductance of a block at the current clock (drift applied)."""
