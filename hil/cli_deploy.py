@@ -43,17 +43,19 @@ class _Bars:
 
 
 def deploy_table(res: DeployResult) -> Table:
-    t = Table(title=f"{Path(res.model).name} deployed on {res.device_idn}")
-    for col in ("model", "perplexity", "× clean", "load CV", "max/mean", "top-k overlap", "blocks prog.",
-                "verified", "|ΔW|/|W|"):
+    t = Table(title=f"{Path(res.model).name} deployed on {res.device_idn}",
+              caption="ppl: eval perplexity; CV, max/mean: expert load balance; overlap: top-k overlap with clean "
+                      "routing; ΔW/W: relative error of the chip-held weights; emulated: the same parts perturbed "
+                      f"with the noise model ({res.noise_model}) instead of the chip")
+    for col in ("model", "ppl", "×clean", "CV", "max/mean", "overlap", "blocks", "verified", "ΔW/W"):
         t.add_column(col, justify="right" if col != "model" else "left")
-    t.add_row("clean (digital)", f"{res.clean_ppl:.2f}", "1.000", f"{res.clean_load_cv:.3f}",
+    t.add_row("clean", f"{res.clean_ppl:.2f}", "1.000", f"{res.clean_load_cv:.3f}",
               f"{res.clean_load_max_mean:.2f}", "1.000", "", "", "")
     if res.emulated_ppl is not None:
-        t.add_row(f"emulated ({res.noise_model})", f"{res.emulated_ppl:.2f}", f"{res.emulated_ppl / res.clean_ppl:.3f}",
+        t.add_row("emulated (fit)", f"{res.emulated_ppl:.2f}", f"{res.emulated_ppl / res.clean_ppl:.3f}",
                   "", "", "", "", "", "")
     for r in res.rounds:
-        name = "deployed (noisy)" if r.round == 0 else f"deployed + ROMER r{r.round} ({r.replaced} repl.)"
+        name = "deployed" if r.round == 0 else f"ROMER r{r.round} ({r.replaced} repl.)"
         t.add_row(name, f"{r.ppl:.2f}", f"{r.ppl / res.clean_ppl:.3f}", f"{r.load_cv:.3f}", f"{r.load_max_mean:.2f}",
                   f"{r.overlap:.3f}", str(r.blocks_programmed), f"{100 * r.verified_fraction:.1f} %",
                   f"{r.weight_rel_error:.3f}")
@@ -102,7 +104,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(res.to_dict(), indent=2, default=str))
         else:
-            Console().print(deploy_table(res))
+            Console(width=max(Console().width, 100)).print(deploy_table(res))
             console.print(f"placement: {res.placement}")
 
     @app.command()
@@ -133,5 +135,5 @@ def register(app: typer.Typer) -> None:
         for d in res.device:
             dev.add_row(d.quantity, f"{d.fitted:.4g}", f"{d.true:.4g}", f"{d.fitted / d.true:.3f}" if d.true else "")
         Console().print(dev)
-        Console().print(deploy_table(res.deploy))
+        Console(width=max(Console().width, 100)).print(deploy_table(res.deploy))
         console.print("files: " + ", ".join(f"{k}={v}" for k, v in res.files.items()))
