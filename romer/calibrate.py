@@ -30,12 +30,13 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from noise_fit.presets import resolve
@@ -187,6 +188,19 @@ def _run(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None
                 pass
 
 
+def calib_nll(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> float:
+    """Mean next-token loss (nats) over the batches' real tokens: the selection criterion of the gates."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, m in batches:
+            logits = model(input_ids=x, attention_mask=m).logits[:, :-1].float()
+            tgt = x[:, 1:]
+            keep = torch.ones_like(tgt, dtype=torch.bool) if m is None else (m[:, 1:] > 0)
+            total += float(F.cross_entropy(logits[keep], tgt[keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / max(count, 1)
+
+
 def measure_load(model: nn.Module, blocks: list[MoEBlock], batches: list[tuple[torch.Tensor, torch.Tensor | None]]
                  ) -> tuple[dict[int, np.ndarray], dict[int, int]]:
     """Per-layer expert selection counts (and token counts) over the batches, padding excluded."""
@@ -210,6 +224,21 @@ def fit_router_calibration(model: nn.Module, blocks: list[MoEBlock],
                            clean_q: dict[int, np.ndarray] | None, cfg: RouterCalibConfig,
                            plan: ReplacementPlan | None = None) -> RouterCalibration:
     """Fit the router maps on the model as it is now (noisy), against the clean quantiles."""
+    if cfg.mode == "auto":
+        best: RouterCalibration | None = None
+        scores: dict[str, float] = {}
+        for cand in cfg.candidates:
+            c = fit_router_calibration(model, blocks, batches, clean_q, replace(cfg, mode=cand), plan)
+            if cand in ("layer", "expert", "expert_keep_scale") and all(a.identity for a in c.layers.values()):
+                c.config = {**c.config, "selected_by": "auto", "reason": "instance equals the clean reference"}
+                return c  # a noise-free instance: the identity, never a reference-free reshuffle
+            with install_romer(model, plan, c, blocks):
+                scores[cand] = calib_nll(model, batches)
+            if best is None or scores[cand] < min(v for k, v in scores.items() if k != cand):
+                best = c
+        assert best is not None
+        best.config = {**best.config, "selected_by": "auto", "calib_nll": scores}
+        return best
     calib = RouterCalibration(mode=cfg.mode, config={**asdict(cfg), "quantiles": list(cfg.quantiles)})
 
     def skip(layer: int) -> set[int]:
@@ -274,7 +303,17 @@ class CalibrationSession:
         t0 = time.perf_counter()
         with self.injector.inject(self.model, seed) if seed is not None else _null():
             counts, tokens = measure_load(self.model, self.blocks, self.calib)
-        plan = plan_replacement(counts, tokens, {b.layer: b.top_k for b in self.blocks}, replace or self.cfg.replace)
+        replace_cfg = replace_or(replace, self.cfg.replace)
+        plan = plan_replacement(counts, tokens, {b.layer: b.top_k for b in self.blocks}, replace_cfg)
+        if replace_cfg.gate and seed is not None and plan.n_replaced:
+            with self.injector.inject(self.model, seed):
+                base = calib_nll(self.model, self.calib)
+            with apply_replacement(self.model, plan, self.blocks), self.injector.inject(self.model, seed), \
+                    install_romer(self.model, plan, None, self.blocks):
+                with_plan = calib_nll(self.model, self.calib)
+            plan.config = {**plan.config, "gate_calib_nll": {"without": base, "with": with_plan}}
+            if with_plan >= base:
+                plan = ReplacementPlan(strategy=plan.strategy, layers=[], config={**plan.config, "gated_off": True})
         self._time("load_and_plan", t0)
         return plan
 
@@ -325,6 +364,10 @@ class CalibrationSession:
             with apply_replacement(self.model, plan, self.blocks) if plan else _null():
                 calib = self.router_on(cs, plan, router)
         return self.evaluate(eval_ids, seed, plan, calib)
+
+
+def replace_or(given: ReplaceConfig | None, default: ReplaceConfig) -> ReplaceConfig:
+    return default if given is None else given
 
 
 class _null:

@@ -16,6 +16,11 @@ calibration text:
   experts are worth it; with little noise nothing is replaced;
 - ``bottom``: the ``m`` least-used experts of every layer.
 
+Gate (``ReplaceConfig.gate``, default on; applied by `romer.calibrate`): the plan is kept only
+if it lowers the next-token loss on the calibration text of the noisy instance it was measured
+on; replacement costs perplexity by itself (masked experts), and the ablations showed it rarely
+pays on balanced models.
+
 Cold slots are paired with the hottest experts in order (coldest <- hottest, ...), cycling
 when ``copies_per_expert`` > 1 lets one hot expert receive several copies.
 
@@ -61,6 +66,7 @@ class ReplaceConfig:
     m: int = 4  # bottom-m per layer (also the cap for "threshold")
     threshold: float = 0.25  # share of the uniform load k/E below which an expert is "cold"
     copies_per_expert: int = 1  # copies one hot expert may receive
+    gate: bool = True  # keep the plan only if it lowers the calibration-text loss on the noisy instance
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

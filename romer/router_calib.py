@@ -18,6 +18,10 @@ Modes (`RouterCalibConfig.mode`):
   inter-percentile range (q_hi - q_lo), then multiply by the layer's mean range so the overall
   logit scale is kept (FINDINGS: without that the clean model lost 15-45 %).
 - ``none``: identity.
+- ``auto`` (default): fit every mode of ``candidates`` on the instance and keep the one with the
+  lowest next-token loss on the calibration text (``none`` included, so calibration never makes
+  the calibration text worse). The ablations showed the best mode differs by family (per-expert
+  maps for OLMoE, reference-free for the shared-expert models); the chip instance decides.
 
 When the noisy logits' quantiles equal the clean ones (a noise-free model calibrated on
 itself) the fit is snapped to the exact identity, so routing is bit-for-bit unchanged.
@@ -40,7 +44,8 @@ from torch import nn
 
 from romer.adapters import MoEBlock
 
-MODES = ("layer", "expert", "expert_keep_scale", "reference_free", "none")
+MODES = ("auto", "layer", "expert", "expert_keep_scale", "reference_free", "none")
+AUTO_CANDIDATES: tuple[str, ...] = ("none", "layer", "expert", "expert_keep_scale", "reference_free")
 DEFAULT_QUANTILES: tuple[float, ...] = tuple(float(q) for q in np.round(np.linspace(0.05, 0.95, 19), 4))
 
 
@@ -48,7 +53,8 @@ DEFAULT_QUANTILES: tuple[float, ...] = tuple(float(q) for q in np.round(np.linsp
 class RouterCalibConfig:
     """How router logits are calibrated."""
 
-    mode: str = "reference_free"
+    mode: str = "auto"
+    candidates: tuple[str, ...] = AUTO_CANDIDATES  # modes tried by "auto"
     quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     ipr: tuple[float, float] = (0.05, 0.95)  # inter-percentile range of ``reference_free``
     sequential: bool = True  # fit layer l with layers < l already calibrated (their outputs feed layer l)
@@ -57,6 +63,8 @@ class RouterCalibConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"router calibration mode {self.mode!r} unknown; expected one of {MODES}")
+        if any(c not in MODES or c == "auto" for c in self.candidates) or not self.candidates:
+            raise ValueError(f"auto candidates must be modes other than 'auto', got {self.candidates}")
         if not self.quantiles or any(not 0.0 <= q <= 1.0 for q in self.quantiles):
             raise ValueError("quantiles must be a non-empty list in [0, 1]")
 

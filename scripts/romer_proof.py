@@ -55,23 +55,26 @@ def variants() -> dict[str, tuple[ReplaceConfig | None, RouterCalibConfig | None
     """name -> (replacement, router calibration, instance): 'same' (calibrate on the eval instance), 'held_out'
     (calibrate on instance 10000), 'clean' (no noise at all: the cost of replacement itself)."""
     return {
-        "replace copy m=8": (ReplaceConfig(strategy="copy", select="bottom", m=8), None, "same"),
-        "replace split m=8": (ReplaceConfig(strategy="split", select="bottom", m=8), None, "same"),
-        "replace average threshold 0.25 (m<=4, default)": (ReplaceConfig(), None, "same"),
-        "replace average m=2": (ReplaceConfig(strategy="average", select="bottom", m=2), None, "same"),
-        "replace average m=4": (ReplaceConfig(strategy="average", select="bottom", m=4), None, "same"),
-        "replace average m=32": (ReplaceConfig(strategy="average", select="bottom", m=32), None, "same"),
-        "replace average m=8": (ReplaceConfig(strategy="average", select="bottom", m=8), None, "same"),
-        "replace average m=16": (ReplaceConfig(strategy="average", select="bottom", m=16), None, "same"),
+        "replace copy m=8": (ReplaceConfig(strategy="copy", select="bottom", gate=False, m=8), None, "same"),
+        "replace split m=8": (ReplaceConfig(strategy="split", select="bottom", gate=False, m=8), None, "same"),
+        "replace average threshold 0.25 (m<=4)": (ReplaceConfig(gate=False), None, "same"),
+        "replace average m=2": (ReplaceConfig(strategy="average", select="bottom", gate=False, m=2), None, "same"),
+        "replace average m=4": (ReplaceConfig(strategy="average", select="bottom", gate=False, m=4), None, "same"),
+        "replace average m=32": (ReplaceConfig(strategy="average", select="bottom", gate=False, m=32), None, "same"),
+        "replace average m=8": (ReplaceConfig(strategy="average", select="bottom", gate=False, m=8), None, "same"),
+        "replace average m=16": (ReplaceConfig(strategy="average", select="bottom", gate=False, m=16), None, "same"),
         "router layer": (None, RouterCalibConfig(mode="layer"), "same"),
         "router layer one-pass": (None, RouterCalibConfig(mode="layer", sequential=False), "same"),
         "router reference_free one-pass": (None, RouterCalibConfig(mode="reference_free", sequential=False), "same"),
         "router expert": (None, RouterCalibConfig(mode="expert"), "same"),
         "router expert_keep_scale": (None, RouterCalibConfig(mode="expert_keep_scale"), "same"),
         "router reference_free": (None, RouterCalibConfig(mode="reference_free"), "same"),
-        "romer default, held-out instance": (ReplaceConfig(), RouterCalibConfig(), "held_out"),
-        "romer average m=4 + reference_free": (ReplaceConfig(select="bottom", m=4), RouterCalibConfig(), "same"),
-        "replace average m=4, no noise": (ReplaceConfig(strategy="average", select="bottom", m=4), None, "clean"),
+        "romer threshold + reference_free, held-out instance": (
+            ReplaceConfig(gate=False), RouterCalibConfig(mode="reference_free"), "held_out"),
+        "romer average m=4 + reference_free": (
+            ReplaceConfig(select="bottom", gate=False, m=4), RouterCalibConfig(mode="reference_free"), "same"),
+        "replace average m=4, no noise": (
+            ReplaceConfig(strategy="average", select="bottom", gate=False, m=4), None, "clean"),
         "router reference_free, no noise": (None, RouterCalibConfig(mode="reference_free"), "clean"),
     }
 
@@ -218,14 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", type=Path, default=REPO / "results")
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
-                    help="merge the proof.json of these directories (runs in parallel processes) into --out")
+                    help="merge the tables of these directories' proof.json (parallel processes) into --out")
+    ap.add_argument("--merge-ablations", type=Path, nargs="*", default=None,
+                    help="take the ablations from these directories instead (default: the --merge ones)")
     args = ap.parse_args(argv)
     if args.merge:
         parts = [json.loads((d / "proof.json").read_text()) for d in args.merge]
+        abl = [json.loads((d / "proof.json").read_text()) for d in (args.merge_ablations or args.merge)]
+        renamed = {"replace average threshold 0.25 (m<=4, default)": "replace average threshold 0.25 (m<=4)",
+                   "romer default, held-out instance": "romer threshold + reference_free, held-out instance"}
+        for a in abl:  # names of an earlier version of variants(), same settings
+            for v in a["ablations"].values():
+                v["variants"] = {renamed.get(k, k): x for k, x in v["variants"].items()}
         doc = {**parts[0], "tables": [t for p in parts for t in p["tables"]],
-               "ablations": {k: v for p in parts for k, v in p["ablations"].items()},
+               "ablations": {k: v for p in abl for k, v in p["ablations"].items()},
                "seconds": max(p.get("seconds", 0.0) for p in parts),
-               "command": " ; ".join(p["command"] for p in parts) + " (parallel processes, merged)",
+               "command": " ; ".join(p["command"] for p in parts + (abl if args.merge_ablations else []))
+               + " (parallel processes, merged)",
                "random": any(p["random"] for p in parts)}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "proof.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")

@@ -15,7 +15,7 @@ from romer.adapters import load_model, load_tokenizer, tiny_config
 from romer.calibrate import CalibrateConfig, calibrate
 from romer.calibrated import install_romer, load_calibrated, read_meta
 from romer.replace import ReplaceConfig, ReplacementPlan, apply_replacement
-from romer.router_calib import RouterCalibration
+from romer.router_calib import RouterCalibConfig, RouterCalibration
 
 from .test_eval import byte_tokenizer
 
@@ -46,7 +46,8 @@ def olmoe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small(d: Path, **kw: object) -> CalibrateConfig:
     base = dict(model=d, noise="pcm@16", calib_text=d.parent / "calib.txt", seeds=2, calib_tokens=512,
-                eval_tokens=512, max_length=64, stride=64, batch_size=4, replace=ReplaceConfig(select="bottom", m=2))
+                eval_tokens=512, max_length=64, stride=64, batch_size=4,
+                replace=ReplaceConfig(select="bottom", m=2, gate=False), router=RouterCalibConfig(mode="expert"))
     base.update(kw)
     return CalibrateConfig(**base)  # type: ignore[arg-type]
 
@@ -127,3 +128,16 @@ def test_held_out_mode_and_cli(olmoe_dir: Path, tmp_path: Path) -> None:
     assert load_tokenizer(out) is not None
     bad = CliRunner().invoke(app, args[:4] + ["nosuch"] + args[5:])
     assert bad.exit_code == 2 and "error" in bad.output
+
+
+def test_auto_router_mode_and_replacement_gate(olmoe_dir: Path) -> None:
+    res = calibrate(small(olmoe_dir, seeds=1, conditions=("noisy",), router=RouterCalibConfig(),
+                          replace=ReplaceConfig(select="bottom", m=2)))
+    rc_cfg = res.router_calibration["config"]  # type: ignore[index]
+    assert rc_cfg["selected_by"] == "auto"
+    scores = rc_cfg["calib_nll"]
+    assert set(scores) == set(RouterCalibConfig().candidates)
+    assert scores[res.router_calibration["mode"]] == min(scores.values())  # type: ignore[index]
+    gate = res.plan["config"]["gate_calib_nll"]  # type: ignore[index]
+    kept = bool(res.plan["layers"])  # type: ignore[index]
+    assert kept == (gate["with"] < gate["without"])
