@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     t_cq = _best(lambda: clean_logit_quantiles(model, blocks, batches, rcfg), args.repeats)
     cq = clean_logit_quantiles(model, blocks, batches, rcfg)
     t_fit = _best(lambda: fit_router_calibration(model, blocks, batches, cq, rcfg), args.repeats)
-    t_fit1 = _best(lambda: fit_router_calibration(model, blocks, batches, cq, RouterCalibConfig(sequential=False)),
+    t_fit1 = _best(lambda: fit_router_calibration(model, blocks, batches, cq, RouterCalibConfig(mode="expert")),
                    args.repeats)
+    t_fit2 = _best(lambda: fit_router_calibration(model, blocks, batches, cq,
+                                                  RouterCalibConfig(mode="expert", sequential=False)), args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         s = CalibrationSession(CalibrateConfig(model=tmp, noise=args.noise, calib_tokens=args.tokens), model,
                                calib_ids)
@@ -128,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         t.add_column(col, justify="right")
     for label, sec in (("plain forward over the calibration tokens", t_fwd), ("load measurement", t_load),
                        ("replacement plan", t_plan), ("apply replacement (+restore)", t_apply),
-                       ("clean logit quantiles", t_cq), ("router fit, sequential (default)", t_fit),
-                       ("router fit, one pass", t_fit1),
+                       ("clean logit quantiles", t_cq), ("router fit, auto over 5 modes (default)", t_fit),
+                       ("router fit, one mode (expert), sequential", t_fit1),
+                       ("router fit, one mode (expert), one pass", t_fit2),
                        (f"full default fit, one {args.noise} instance (load, plan, gate, auto router)", t_full)):
         t.add_row(label, f"{sec:.3f}", f"{sec / t_fwd:.2f}")
     console.print(t)
