@@ -38,7 +38,7 @@ from hil.profile import ChipProfile
 from noise_fit.model import NoiseModel
 from noise_fit.presets import resolve
 from romer.adapters import find_moe_blocks, load_model, load_tokenizer, model_family
-from romer.calibrate import clean_logit_quantiles, fit_router_calibration, measure_load, token_batches
+from romer.calibrate import calib_nll, clean_logit_quantiles, fit_router_calibration, measure_load, token_batches
 from romer.calibrated import RomerHooks, install_romer
 from romer.inject import AnalogTensor, analog_tensors, noisy_matrix
 from romer.mapping import Conductances, MappingConfig, _tiled, conductance_to_weight, weight_to_conductance
@@ -482,8 +482,9 @@ class RomerLoop:
     replaced experts' blocks change), record the clean router-logit quantiles. After read-back: fit
     the router calibration on the measured weights and install it."""
 
-    def __init__(self, dep: Deployment, calib_ids: torch.Tensor) -> None:
+    def __init__(self, dep: Deployment, calib_ids: torch.Tensor, noise: NoiseModel) -> None:
         self.dep = dep
+        self.noise = noise
         self.blocks = find_moe_blocks(dep.model)
         self.batches = token_batches(calib_ids, dep.cfg.max_length, dep.cfg.batch_size)
         # a calibrated checkpoint arrives with its replacement in the weights and its hooks installed
@@ -508,6 +509,9 @@ class RomerLoop:
             counts, tokens = measure_load(dep.model, self.blocks, self.batches)  # as deployed
             top_k = {b.layer: b.top_k for b in self.blocks}
             self.plan = plan_replacement(counts, tokens, top_k, dep.cfg.replace)
+            if dep.cfg.replace.gate and self.plan.n_replaced:
+                self.plan = self._gate(self.plan)
+                info["gate_calib_nll"] = self.plan.config.get("gate_calib_nll")
             dep.restore_clean()
             apply_replacement(dep.model, self.plan, self.blocks)
             # the replaced clean weights are the new reference for every later round
@@ -521,6 +525,53 @@ class RomerLoop:
         info["replaced"] = self.plan.n_replaced
         info["strategy"] = self.plan.strategy
         return info
+
+    def _slot_matrices(self, layer: int, slot: int) -> list[tuple[AnalogTensor, int]]:
+        """(tensor, matrix index) of one expert slot's crossbar matrices in a layer."""
+        out = []
+        for at in self.dep.tensors:
+            if f".layers.{layer}." in at.name and at.part == "experts":
+                per_expert = at.n_matrices // at.matrix_shape[0]
+                out += [(at, slot * per_expert + j) for j in range(per_expert)]
+        return out
+
+    def _gate(self, plan: ReplacementPlan) -> ReplacementPlan:
+        """Keep the plan only if it lowers the calibration-text loss, predicted before touching the chip:
+        the chip's current weights everywhere, the new replicas emulated with the noise model."""
+        dep = self.dep
+        base = calib_nll(dep.model, self.batches)
+        backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        mapping = MappingConfig(self.noise.mapping, g_max=self.noise.g_max, tile=dep.mcfg.tile)
+        with torch.no_grad():
+            for lp in plan.layers:
+                for cold, src in zip(lp.cold, lp.source, strict=True):
+                    for (at, m_cold), (_, m_src) in zip(self._slot_matrices(lp.layer, cold),
+                                                        self._slot_matrices(lp.layer, src), strict=True):
+                        r, c = at.matrix_shape[-2:]
+                        dst = at.param.detach().view(-1, r, c)[m_cold]
+                        backup.append((dst, dst.clone()))
+                        clean_src = dep.clean[at.name].view(-1, r, c)[m_src].float().numpy().copy()
+                        rng = np.random.default_rng([dep.cfg.seed, lp.layer, cold, m_cold, 0x6A7E])
+                        dst.copy_(torch.from_numpy(noisy_matrix(clean_src, self.noise, mapping, dep.cfg.t_read, rng,
+                                                                dep.cfg.drift_compensation)))
+            if plan.strategy in ("split", "average"):
+                for lp in plan.layers:
+                    router = next(b.router for b in self.blocks if b.layer == lp.layer)
+                    for cold, src in zip(lp.cold, lp.source, strict=True):
+                        backup.append((router.weight[cold], router.weight[cold].clone()))
+                        router.weight[cold].copy_(router.weight[src])
+        try:
+            with install_romer(dep.model, plan, None, self.blocks):
+                with_plan = calib_nll(dep.model, self.batches)
+        finally:
+            with torch.no_grad():
+                for dst, old in reversed(backup):
+                    dst.copy_(old)
+        config = {**plan.config, "gate_calib_nll": {"without": base, "with": with_plan}}
+        if with_plan >= base:
+            return ReplacementPlan(strategy=plan.strategy, layers=[], config={**config, "gated_off": True})
+        plan.config = config
+        return plan
 
     def after_read_back(self) -> dict[str, Any]:
         calib = fit_router_calibration(self.dep.model, self.blocks, self.batches, self.clean_q, self.dep.cfg.router,
@@ -561,7 +612,7 @@ def run_deploy(cfg: DeployConfig, progress: ProgressFn | None = None) -> DeployR
             if f.attrs.get("device_idn") != idn:
                 raise DeployError(f"--resume: {out} was deployed on {f.attrs.get('device_idn')!r}, not {idn!r}")
             clean_ppl, clean_load, _, clean_rec = _evaluate(model, eval_ids, wcfg, None)
-            loop = RomerLoop(dep, calib_ids) if cfg.romer and cfg.rounds > 0 else None
+            loop = RomerLoop(dep, calib_ids, noise) if cfg.romer and cfg.rounds > 0 else None
             emulated = None
             rounds: list[RoundMetrics] = []
             for k in range(cfg.rounds + 1):

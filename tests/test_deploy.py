@@ -52,7 +52,7 @@ PROFILE = ChipProfile(tiles=4, rows=128, cols=128, block_max_cells=4096)
 def _cfg(model: Path, out: Path, device: str, **kw) -> DeployConfig:
     base = dict(model=str(model), device=device, out=str(out), calib_tokens=1024, eval_tokens=1024, max_length=128,
                 stride=128, batch_size=4, rounds=1, sim_truth="pcm-chip@4", timeout_s=2.0)
-    base["replace"] = ReplaceConfig(strategy="average", select="bottom", m=2)
+    base["replace"] = ReplaceConfig(strategy="average", select="bottom", m=2, gate=False)
     base.update(kw)
     return DeployConfig(**base)
 
@@ -132,3 +132,16 @@ def test_bad_input(tiny_model, tmp_path) -> None:
     with pytest.raises(DeployError, match="already exists"):
         run_deploy(_cfg(tiny_model, tmp_path / "r.h5", "sim"))
     assert (tmp_path / "r.h5").read_bytes() == b"keep me"
+
+
+def test_replacement_gate_predicts_with_the_noise_model_before_touching_the_chip(tiny_model, tmp_path) -> None:
+    with _server() as srv:
+        res = run_deploy(_cfg(tiny_model, tmp_path / "run.h5", f"sim:127.0.0.1:{srv.port}", noise="pcm@4",
+                              replace=ReplaceConfig(strategy="average", select="bottom", m=2, gate=True)))
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        info = json.loads(f["rounds/1"].attrs["metrics"])["romer"]
+    nll = info["gate_calib_nll"]
+    assert nll["without"] > 0 and nll["with"] > 0
+    kept = nll["with"] < nll["without"]
+    assert res.rounds[1].replaced == (4 if kept else 0)
+    assert res.rounds[1].blocks_programmed == (24 if kept else 0)  # a gated-off plan reprograms nothing
