@@ -10,9 +10,10 @@ without copying model code, for every family whose ``mlp.gate`` returns
   slots masked with a large finite negative, top-k recomputed like the router does
   (`romer.router_calib.route`), and, for ``split``, tokens of a replicated expert dealt to its
   replicas by token index;
-- for ``average``, a forward pre-hook on the experts module that widens top-k: a token routed
-  to a replicated expert is sent to every replica with weight w/n (the mean of the copies'
-  outputs, times w). Padding entries of the widened rows carry weight 0.
+- for ``average``, a forward pre-hook and a forward hook on the experts module: a token routed
+  to a replicated expert gets weight w/n on every replica (the mean of the copies' outputs,
+  times w); the extra (token, replica) pairs are computed by one more call of the experts'
+  own forward and added.
 
 The directory is a normal Hugging Face checkpoint (safetensors, config, tokenizer) holding
 the replaced experts' CLEAN weights, plus ``romer.json`` (schema below). `load_calibrated`
@@ -100,31 +101,41 @@ def _router_hook(block: MoEBlock, affine: LayerAffine | None, lp: LayerPlan | No
     return hook
 
 
-def _average_pre_hook(lp: LayerPlan, n_exp: int) -> Any:
+def _average_hooks(lp: LayerPlan, n_exp: int) -> tuple[Any, Any]:
+    """(pre-hook, forward hook) on ``mlp.experts`` that give a replicated expert the mean of its replicas.
+
+    The pre-hook divides the routing weight of a replicated expert by its replica count n and
+    notes the (token, replica, w/n) pairs of the other replicas; the forward hook computes only
+    those pairs (one extra call of the experts' own forward with top-k width 1) and adds them.
+    Widening every top-k row instead would make grouped/batched kernels compute the padding too.
+    """
     table, count = _replica_table(lp, n_exp)
     n_max = table.shape[1]
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # this call's extra pairs
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        names = ("hidden_states", "top_k_index", "top_k_weights")
+        pending.clear()
         vals = list(args) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
         hidden, idx, w = vals[0], vals[1], vals[2]
         n = count.to(idx.device)[idx]  # [N, k]
+        if bool((n == 1).all()):
+            return (hidden, idx, w, *vals[3:]), kwargs
         w_mean = w / n.to(w.dtype)
         extra = table.to(idx.device)[idx][..., 1:]  # [N, k, n_max - 1]
         valid = torch.arange(1, n_max, device=idx.device) < n.unsqueeze(-1)
-        rows = idx.shape[0]
-        ext_idx = torch.where(valid, extra, idx.unsqueeze(-1)).reshape(rows, -1)
-        ext_w = torch.where(valid, w_mean.unsqueeze(-1), torch.zeros_like(w_mean).unsqueeze(-1)).reshape(rows, -1)
-        v = valid.reshape(rows, -1)
-        width = int(v.sum(dim=1).max()) if rows else 0
-        if width == 0:
-            return (hidden, idx, w_mean, *vals[3:]), kwargs
-        order = torch.sort(v.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
-        new_idx = torch.cat([idx, torch.gather(ext_idx, 1, order)], dim=1)
-        new_w = torch.cat([w_mean, torch.gather(ext_w, 1, order)], dim=1)
-        return (hidden, new_idx, new_w, *vals[3:]), kwargs
+        rows = torch.nonzero(valid, as_tuple=True)[0]
+        pending.append((hidden, rows, extra[valid], w_mean.unsqueeze(-1).expand_as(extra)[valid]))
+        return (hidden, idx, w_mean, *vals[3:]), kwargs
 
-    return pre_hook
+    def post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> Any:
+        if not pending:
+            return None
+        hidden, rows, e_idx, e_w = pending.pop()
+        extra_out = module.forward(hidden[rows], e_idx.unsqueeze(1), e_w.unsqueeze(1))  # no hooks: no recursion
+        return output.index_add(0, rows, extra_out.to(output.dtype))
+
+    return pre_hook, post_hook
 
 
 def install_romer(model: nn.Module, plan: ReplacementPlan | None, calibration: RouterCalibration | None,
@@ -141,8 +152,9 @@ def install_romer(model: nn.Module, plan: ReplacementPlan | None, calibration: R
             check_routable(b)
             hooks.handles.append(b.router.register_forward_hook(_router_hook(b, affine, lp, strategy)))
         if lp is not None and lp.cold and strategy == "average":
-            hooks.handles.append(b.experts.register_forward_pre_hook(_average_pre_hook(lp, b.num_experts),
-                                                                     with_kwargs=True))
+            pre, post = _average_hooks(lp, b.num_experts)
+            hooks.handles.append(b.experts.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.handles.append(b.experts.register_forward_hook(post, with_kwargs=True))
     return hooks
 
 
