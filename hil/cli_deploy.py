@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         model: Path = typer.Option(Path("data/models/olmoe-tiny"), help="a shipped tiny MoE model"),
         out_dir: Path = typer.Option(Path("out/demo"), help="where the dump, noise model, run file and plots go"),
-        truth: str = typer.Option("pcm-chip@4", help="the simulated chip's ground truth"),
+        truth: str = typer.Option("pcm-chip@16", help="the simulated chip's ground truth"),
         rounds: int = typer.Option(1), eval_tokens: int = typer.Option(16384),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:

@@ -27,7 +27,7 @@ DEFAULT_MODEL = "data/models/olmoe-tiny"
 class DemoConfig:
     model: str = DEFAULT_MODEL
     out_dir: str = "out/demo"
-    truth: str = "pcm-chip@4"  # the simulated chip: published PCM with 4x programming noise, plus stuck cells
+    truth: str = "pcm-chip@16"  # the simulated chip: published PCM with 16x programming noise, plus stuck cells
     sim_seed: int = 0
     t_read: float = 3600.0
     rounds: int = 1
