@@ -25,7 +25,9 @@ def register(app: typer.Typer) -> None:
         json_out: Path = typer.Option(None, "--json", help="write the full result as JSON"),
         calib_mode: str = typer.Option("per_seed", "--calib-mode", help="per_seed (default) or held_out"),
         calib_seed: int = typer.Option(10_000, "--calib-seed", help="noise instance the saved calibration is fit on"),
-        strategy: str = typer.Option("average", "--strategy", help="replacement: average, split or copy"),
+        strategy: str = typer.Option("average", "--strategy",
+                                     help="replacement: average (on Qwen2/DeepSeek-MoE: average_shared), "
+                                     "average_shared, split or copy"),
         m: int = typer.Option(None, "--m", help="experts replaced per layer (0: no replacement; default: library's)"),
         select: str = typer.Option("threshold", "--select", help="threshold (default) or bottom (m least used)"),
         threshold: float = typer.Option(0.25, "--threshold", help="cold below this share of the uniform load"),

@@ -44,7 +44,14 @@ from romer.adapters import MoEBlock, find_moe_blocks, load_model, load_tokenizer
 from romer.calibrated import install_romer, save_calibrated
 from romer.inject import InjectConfig, NoiseInjector
 from romer.perplexity import WindowConfig, perplexity, tokenize_file
-from romer.replace import ReplaceConfig, ReplacementPlan, apply_replacement, physical_counts, plan_replacement
+from romer.replace import (
+    ReplaceConfig,
+    ReplacementPlan,
+    apply_replacement,
+    physical_counts,
+    plan_replacement,
+    shared_slices,
+)
 from romer.router_calib import (
     LogitRecorder,
     RouterCalibConfig,
@@ -304,7 +311,8 @@ class CalibrationSession:
         with self.injector.inject(self.model, seed) if seed is not None else _null():
             counts, tokens = measure_load(self.model, self.blocks, self.calib)
         replace_cfg = replace_or(replace, self.cfg.replace)
-        plan = plan_replacement(counts, tokens, {b.layer: b.top_k for b in self.blocks}, replace_cfg)
+        plan = plan_replacement(counts, tokens, {b.layer: b.top_k for b in self.blocks}, replace_cfg,
+                                n_slices={b.layer: shared_slices(b) for b in self.blocks})
         if replace_cfg.gate and seed is not None and plan.n_replaced:
             with self.injector.inject(self.model, seed):
                 base = calib_nll(self.model, self.calib)

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from romer.adapters import MoEBlock, find_moe_blocks
-from romer.replace import MASK_LOGIT, LayerPlan, ReplacementPlan
+from romer.replace import MASK_LOGIT, MASKED, LayerPlan, ReplacementPlan
 from romer.router_calib import LayerAffine, RouterCalibration, check_routable, route
 
 ROMER_JSON = "romer.json"
@@ -78,7 +79,7 @@ def _router_hook(block: MoEBlock, affine: LayerAffine | None, lp: LayerPlan | No
         shift = torch.tensor(affine.shift, dtype=torch.float32)
     mask = None
     table = count = None
-    if lp is not None and lp.cold and strategy in ("split", "average"):
+    if lp is not None and lp.cold and strategy in MASKED:
         mask = torch.zeros(n_exp, dtype=torch.bool)
         mask[lp.cold] = True
         if strategy == "split":
@@ -138,6 +139,48 @@ def _average_hooks(lp: LayerPlan, n_exp: int) -> tuple[Any, Any]:
     return pre_hook, post_hook
 
 
+def _shared_hook(block: MoEBlock, lp: LayerPlan) -> Any:
+    """Forward hook on the shared expert: each replicated slice j becomes the mean of its 1 + n_j instances.
+
+    The shared output is the sum of its slices a_j; with replicas r_jc (cold slots, computed by
+    the experts' own forward at weight 1 / (1 + n_j)) it becomes
+    out - sum_j n_j / (1 + n_j) a_j + sum_j sum_c r_jc / (1 + n_j). When every slice has the same
+    n this is (out + sum r) / (1 + n) and the a_j are not computed.
+    """
+    experts, shared = block.experts, block.shared[0]  # type: ignore[index]
+    inter = experts.down_proj.shape[-1]
+    n_slices = shared.gate_proj.weight.shape[0] // inter
+    per_slice = torch.zeros(n_slices, dtype=torch.long)
+    for j in lp.shared_slice:
+        per_slice[j] += 1
+    uniform = bool((per_slice == per_slice[0]).all())
+    slots = torch.tensor(lp.cold, dtype=torch.long)
+    w_slot = torch.tensor([1.0 / (1 + int(per_slice[j])) for j in lp.shared_slice])
+    act = shared.act_fn
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        idx = slots.to(flat.device).unsqueeze(0).expand(n, -1)
+        w = w_slot.to(device=flat.device, dtype=flat.dtype).unsqueeze(0).expand(n, -1)
+        rep = experts.forward(flat, idx, w).reshape(output.shape).to(output.dtype)  # no hooks: plain replicas
+        if uniform:
+            return output * float(w_slot[0]) + rep
+        out = output
+        for j in range(n_slices):
+            nj = int(per_slice[j])
+            if nj == 0:
+                continue
+            sl = slice(j * inter, (j + 1) * inter)
+            a = F.linear(act(F.linear(x, shared.gate_proj.weight[sl])) * F.linear(x, shared.up_proj.weight[sl]),
+                         shared.down_proj.weight[:, sl])
+            out = out - a * (nj / (1 + nj))
+        return out + rep
+
+    return hook
+
+
 def install_romer(model: nn.Module, plan: ReplacementPlan | None, calibration: RouterCalibration | None,
                   blocks: list[MoEBlock] | None = None) -> RomerHooks:
     """Install the routing hooks of a replacement plan and/or a router calibration (weights untouched)."""
@@ -147,7 +190,7 @@ def install_romer(model: nn.Module, plan: ReplacementPlan | None, calibration: R
     for b in blocks:
         lp = plan.layer(b.layer) if plan is not None else None
         affine = calibration.layers.get(b.layer) if calibration is not None else None
-        routed = lp is not None and bool(lp.cold) and strategy in ("split", "average")
+        routed = lp is not None and bool(lp.cold) and strategy in MASKED
         if routed or (affine is not None and not affine.identity):
             check_routable(b)
             hooks.handles.append(b.router.register_forward_hook(_router_hook(b, affine, lp, strategy)))
@@ -155,6 +198,10 @@ def install_romer(model: nn.Module, plan: ReplacementPlan | None, calibration: R
             pre, post = _average_hooks(lp, b.num_experts)
             hooks.handles.append(b.experts.register_forward_pre_hook(pre, with_kwargs=True))
             hooks.handles.append(b.experts.register_forward_hook(post, with_kwargs=True))
+        if lp is not None and lp.cold and strategy == "average_shared":
+            if not b.shared:
+                raise ValueError(f"layer {b.layer}: average_shared needs a shared expert")
+            hooks.handles.append(b.shared[0].register_forward_hook(_shared_hook(b, lp)))
     return hooks
 
 

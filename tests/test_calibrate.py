@@ -59,7 +59,9 @@ def test_table_and_saved_model_reloads_to_same_outputs(tiny_dir: Path, tmp_path:
     assert all(len(c.ppl) == 1 for c in res.conditions.values())
     assert res.conditions["romer"].reduction_pct is not None
     meta = read_meta(out)
-    assert meta["replacement"]["strategy"] == "average" and meta["noise_model"]["name"]
+    # default: a splittable shared expert (Qwen2-MoE) gets averaged shared-expert replicas, else averaged hot experts
+    expected = "average_shared" if tiny_dir.name.startswith("qwen2_moe") else "average"
+    assert meta["replacement"]["strategy"] == expected and meta["noise_model"]["name"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     json.loads(res.to_json())
 
