@@ -43,7 +43,7 @@ from romer.calibrated import RomerHooks, install_romer
 from romer.inject import AnalogTensor, analog_tensors, noisy_matrix
 from romer.mapping import Conductances, MappingConfig, _tiled, conductance_to_weight, weight_to_conductance
 from romer.perplexity import WindowConfig, perplexity, tokenize_file
-from romer.replace import ReplaceConfig, ReplacementPlan, apply_replacement, plan_replacement
+from romer.replace import ReplaceConfig, ReplacementPlan, apply_replacement, plan_replacement, shared_slices
 from romer.router_calib import RouterCalibConfig
 from romer.stats import RoutingRecorder, overlap
 
@@ -508,7 +508,8 @@ class RomerLoop:
         if self.plan is None:
             counts, tokens = measure_load(dep.model, self.blocks, self.batches)  # as deployed
             top_k = {b.layer: b.top_k for b in self.blocks}
-            self.plan = plan_replacement(counts, tokens, top_k, dep.cfg.replace)
+            n_slices = {b.layer: shared_slices(b) for b in self.blocks}
+            self.plan = plan_replacement(counts, tokens, top_k, dep.cfg.replace, n_slices=n_slices)
             if dep.cfg.replace.gate and self.plan.n_replaced:
                 self.plan = self._gate(self.plan)
                 info["gate_calib_nll"] = self.plan.config.get("gate_calib_nll")
@@ -537,36 +538,33 @@ class RomerLoop:
 
     def _gate(self, plan: ReplacementPlan) -> ReplacementPlan:
         """Keep the plan only if it lowers the calibration-text loss, predicted before touching the chip:
-        the chip's current weights everywhere, the new replicas emulated with the noise model."""
+        the chip's current weights everywhere, the new replica slots emulated with the noise model
+        (clean replica weights, routed-expert copies or shared-expert slices, plus a noise draw)."""
         dep = self.dep
         base = calib_nll(dep.model, self.batches)
-        backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        deployed = {at.name: at.param.detach().clone() for at in dep.tensors}
         mapping = MappingConfig(self.noise.mapping, g_max=self.noise.g_max, tile=dep.mcfg.tile)
-        with torch.no_grad():
-            for lp in plan.layers:
-                for cold, src in zip(lp.cold, lp.source, strict=True):
-                    for (at, m_cold), (_, m_src) in zip(self._slot_matrices(lp.layer, cold),
-                                                        self._slot_matrices(lp.layer, src), strict=True):
-                        r, c = at.matrix_shape[-2:]
-                        dst = at.param.detach().view(-1, r, c)[m_cold]
-                        backup.append((dst, dst.clone()))
-                        clean_src = dep.clean[at.name].view(-1, r, c)[m_src].float().numpy().copy()
-                        rng = np.random.default_rng([dep.cfg.seed, lp.layer, cold, m_cold, 0x6A7E])
-                        dst.copy_(torch.from_numpy(noisy_matrix(clean_src, self.noise, mapping, dep.cfg.t_read, rng,
-                                                                dep.cfg.drift_compensation)))
-            if plan.strategy in ("split", "average"):
-                for lp in plan.layers:
-                    router = next(b.router for b in self.blocks if b.layer == lp.layer)
-                    for cold, src in zip(lp.cold, lp.source, strict=True):
-                        backup.append((router.weight[cold], router.weight[cold].clone()))
-                        router.weight[cold].copy_(router.weight[src])
+        dep.restore_clean()
+        handle = apply_replacement(dep.model, plan, self.blocks)  # clean replicas in the cold slots
         try:
+            with torch.no_grad():
+                replicas = [(at, m, at.param.detach().view(-1, *at.matrix_shape[-2:])[m].clone())
+                            for lp in plan.layers for cold in lp.cold
+                            for at, m in self._slot_matrices(lp.layer, cold)]
+                for at in dep.tensors:
+                    at.param.copy_(deployed[at.name])
+                for n, (at, m, clean_rep) in enumerate(replicas):
+                    rng = np.random.default_rng([dep.cfg.seed, n, m, 0x6A7E])
+                    noisy = noisy_matrix(clean_rep.float().numpy().copy(), self.noise, mapping, dep.cfg.t_read, rng,
+                                         dep.cfg.drift_compensation)
+                    at.param.detach().view(-1, *at.matrix_shape[-2:])[m].copy_(torch.from_numpy(noisy))
             with install_romer(dep.model, plan, None, self.blocks):
                 with_plan = calib_nll(dep.model, self.batches)
         finally:
+            handle.restore()
             with torch.no_grad():
-                for dst, old in reversed(backup):
-                    dst.copy_(old)
+                for at in dep.tensors:
+                    at.param.copy_(deployed[at.name])
         config = {**plan.config, "gate_calib_nll": {"without": base, "with": with_plan}}
         if with_plan >= base:
             return ReplacementPlan(strategy=plan.strategy, layers=[], config={**config, "gated_off": True})
