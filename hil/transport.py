@@ -7,7 +7,8 @@ Timeouts and broken links surface as `TransportError` so the driver can reconnec
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from hil import protocol as P
 
@@ -38,7 +39,31 @@ def read_reply(t: Transport) -> tuple[bytes | None, bytes | None]:
     return None, payload
 
 
-class VisaTransport:
+class _LibraryTransport:
+    """Shared plumbing of transports over a third-party library handle: every library failure
+    becomes a TransportError naming the transport, so the driver can reconnect and retry."""
+
+    name: str
+    _handle: Any = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            except Exception:  # closing a dead session must not mask the original failure
+                pass
+            self._handle = None
+
+    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        if self._handle is None:
+            raise TransportError(f"{self.name} is not open")
+        try:
+            return fn(self._handle)
+        except Exception as e:  # the libraries raise many unrelated types for a broken link
+            raise TransportError(f"{self.name}: {what} failed: {e}") from e
+
+
+class VisaTransport(_LibraryTransport):
     """A VISA instrument through pyvisa (pyvisa-py backend by default): TCPIP SOCKET, GPIB, USB."""
 
     def __init__(self, resource: str, timeout_s: float = 5.0, backend: str = "@py") -> None:
@@ -46,8 +71,7 @@ class VisaTransport:
         self.name = f"visa:{resource}"
         self.timeout_s = timeout_s
         self.backend = backend
-        self._rm = None
-        self._inst = None
+        self._rm: Any = None
 
     def open(self) -> None:
         import pyvisa
@@ -59,52 +83,24 @@ class VisaTransport:
             inst.read_termination = "\n"
             inst.write_termination = ""
             inst.chunk_size = 1 << 22
-            self._inst = inst
+            self._handle = inst
         except Exception as e:  # pyvisa raises several unrelated types for unreachable resources
             raise TransportError(f"cannot open VISA resource {self.resource!r}: {e}") from e
 
-    def close(self) -> None:
-        if self._inst is not None:
-            try:
-                self._inst.close()
-            except Exception:  # closing a dead session must not mask the original failure
-                pass
-            self._inst = None
-
-    def _io(self):  # type: ignore[no-untyped-def]
-        if self._inst is None:
-            raise TransportError(f"{self.name} is not open")
-        return self._inst
-
     def write(self, data: bytes) -> None:
-        try:
-            self._io().write_raw(data)
-        except TransportError:
-            raise
-        except Exception as e:
-            raise TransportError(f"{self.name}: write failed: {e}") from e
+        self._call("write", lambda h: h.write_raw(data))
 
     def read_exact(self, n: int) -> bytes:
-        try:
-            data = bytes(self._io().read_bytes(n, break_on_termchar=False))
-        except TransportError:
-            raise
-        except Exception as e:
-            raise TransportError(f"{self.name}: read of {n} bytes failed: {e}") from e
+        data = bytes(self._call(f"read of {n} bytes", lambda h: h.read_bytes(n, break_on_termchar=False)))
         if len(data) != n:
             raise TransportError(f"{self.name}: short read ({len(data)} of {n} bytes)")
         return data
 
     def read_line(self) -> bytes:
-        try:
-            return bytes(self._io().read_bytes(1 << 16, break_on_termchar=True))
-        except TransportError:
-            raise
-        except Exception as e:
-            raise TransportError(f"{self.name}: read failed: {e}") from e
+        return bytes(self._call("read", lambda h: h.read_bytes(1 << 16, break_on_termchar=True)))
 
 
-class SerialTransport:
+class SerialTransport(_LibraryTransport):
     """The test board over pyserial: a UART device path, a pty, or ``socket://host:port``."""
 
     def __init__(self, port: str, timeout_s: float = 5.0, baudrate: int = 3_000_000) -> None:
@@ -112,60 +108,30 @@ class SerialTransport:
         self.name = f"serial:{port}"
         self.timeout_s = timeout_s
         self.baudrate = baudrate
-        self._ser = None
 
     def open(self) -> None:
         import serial
 
         try:
-            self._ser = serial.serial_for_url(self.port, baudrate=self.baudrate, timeout=self.timeout_s,
-                                              write_timeout=self.timeout_s)
+            self._handle = serial.serial_for_url(self.port, baudrate=self.baudrate, timeout=self.timeout_s,
+                                                 write_timeout=self.timeout_s)
         except Exception as e:
             raise TransportError(f"cannot open serial port {self.port!r}: {e}") from e
 
-    def close(self) -> None:
-        if self._ser is not None:
-            try:
-                self._ser.close()
-            except Exception:
-                pass
-            self._ser = None
-
-    def _io(self):  # type: ignore[no-untyped-def]
-        if self._ser is None:
-            raise TransportError(f"{self.name} is not open")
-        return self._ser
-
     def write(self, data: bytes) -> None:
-        try:
-            self._io().write(data)
-            self._io().flush()
-        except TransportError:
-            raise
-        except Exception as e:
-            raise TransportError(f"{self.name}: write failed: {e}") from e
+        self._call("write", lambda h: (h.write(data), h.flush()))
 
     def read_exact(self, n: int) -> bytes:
-        try:
-            data = self._io().read(n)
-        except TransportError:
-            raise
-        except Exception as e:
-            raise TransportError(f"{self.name}: read failed: {e}") from e
+        data = bytes(self._call("read", lambda h: h.read(n)))
         if len(data) != n:
             raise TransportError(f"{self.name}: timeout after {len(data)} of {n} bytes")
-        return bytes(data)
+        return data
 
     def read_line(self) -> bytes:
-        try:
-            data = self._io().read_until(P.TERM, 1 << 16)
-        except TransportError:
-            raise
-        except Exception as e:
-            raise TransportError(f"{self.name}: read failed: {e}") from e
+        data = bytes(self._call("read", lambda h: h.read_until(P.TERM, 1 << 16)))
         if not data.endswith(P.TERM):
-            raise TransportError(f"{self.name}: timeout waiting for end of line (got {bytes(data)[:40]!r})")
-        return bytes(data)
+            raise TransportError(f"{self.name}: timeout waiting for end of line (got {data[:40]!r})")
+        return data
 
 
 class LoopbackTransport:
