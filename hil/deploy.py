@@ -16,7 +16,6 @@ without reprogramming blocks already verified.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 import zlib
@@ -35,6 +34,7 @@ from hil.connect import SimOptions, connect
 from hil.driver import ChipDriver
 from hil.placement import BlockKey, PlacementPlan, plan_placement
 from hil.profile import ChipProfile
+from hil.runfiles import check_output, sim_state_path
 from noise_fit.model import NoiseModel
 from noise_fit.presets import resolve
 from romer.adapters import find_moe_blocks, load_model, load_tokenizer, model_family
@@ -299,7 +299,7 @@ class Deployment:
             for b in bs:
                 r = placed[b].region
                 image[r.row0:r.row0 + r.nrows, r.col0:r.col0 + r.ncols] = self.targets[placed[b].key]
-            pulses, verified = self._program_tile(tile, image, f"{run_id}-r{k}-t{tile}")
+            pulses, verified = self._program_tile(tile, image, bs, f"{run_id}-r{k}-t{tile}")
             lo, hi = self.offsets[by_tile[tile][0]], self.offsets[by_tile[tile][-1] + 1]
             g["pulses"][lo:hi] = self._gather(by_tile[tile], pulses, g["pulses"][lo:hi], bs)
             g["verified"][lo:hi] = self._gather(by_tile[tile], verified, g["verified"][lo:hi], bs)
@@ -368,19 +368,17 @@ class Deployment:
         return out
 
     def _row_chunks(self, bs: list[int]) -> list[tuple[int, int]]:
+        """(first row, rows) of the block-sized commands covering the rows of placed blocks ``bs``."""
         lo = min(self.plan.placed[b].region.row0 for b in bs)
         hi = max(self.plan.placed[b].region.row0 + self.plan.placed[b].region.nrows for b in bs)
         step = max(1, self.profile.block_max_cells // self.profile.cols)
         return [(r0, min(step, hi - r0)) for r0 in range(lo, hi, step)]
 
-    def _program_tile(self, tile: int, image: np.ndarray, txn: str) -> tuple[np.ndarray, np.ndarray]:
-        """One write-verify command per row chunk of the tile; NaN cells are left untouched."""
+    def _program_tile(self, tile: int, image: np.ndarray, bs: list[int], txn: str) -> tuple[np.ndarray, np.ndarray]:
+        """One write-verify command per row chunk holding blocks ``bs``; NaN cells are left untouched."""
         pulses = np.zeros(image.shape, np.int16)
         verified = np.full(image.shape, -1, np.int8)
-        rows = np.flatnonzero(~np.isnan(image).all(axis=1))
-        step = max(1, self.profile.block_max_cells // self.profile.cols)
-        for r0 in range(int(rows.min()), int(rows.max()) + 1, step):
-            n = min(step, self.profile.rows - r0)
+        for r0, n in self._row_chunks(bs):
             chunk = image[r0:r0 + n]
             if np.isnan(chunk).all():
                 continue
@@ -401,17 +399,24 @@ class Deployment:
         return at.param.detach().view(-1, r, c)[m]
 
     # -- the parts that do not fit -------------------------------------------------------------------
+    def emulate(self, dst: torch.Tensor, src: torch.Tensor, noise: NoiseModel, key: list[int]) -> None:
+        """dst <- src as the noise model says the chip would hold it (same tiling and read time as the chip)."""
+        mapping = MappingConfig(noise.mapping, g_max=noise.g_max, tile=self.mcfg.tile)
+        rng = np.random.default_rng(key)
+        dst.copy_(torch.from_numpy(noisy_matrix(src.float().numpy().copy(), noise, mapping, self.cfg.t_read, rng,
+                                                self.cfg.drift_compensation)))
+
+    def emulate_matrices(self, maps: list[MatrixMap], noise: NoiseModel, seed: int) -> None:
+        """Perturb the given matrices, as they are in the model now, with the noise model."""
+        with torch.no_grad():
+            for mm in maps:
+                dst = self._param_matrix(mm.tensor, mm.matrix)
+                self.emulate(dst, dst, noise, [seed, mm.matrix, zlib.crc32(mm.tensor.encode())])
+
     def emulate_overflow(self, noise: NoiseModel, seed: int) -> None:
         """Perturb matrices that did not fit on the chip with the noise model (or leave them digital)."""
-        if self.cfg.overflow == "digital" or not self.off_chip:
-            return
-        mapping = MappingConfig(noise.mapping, g_max=noise.g_max, tile=self.mcfg.tile)
-        with torch.no_grad():
-            for mm in self.off_chip:
-                dst = self._param_matrix(mm.tensor, mm.matrix)
-                rng = np.random.default_rng([seed, mm.matrix, zlib.crc32(mm.tensor.encode())])
-                dst.copy_(torch.from_numpy(noisy_matrix(dst.float().numpy().copy(), noise, mapping, self.cfg.t_read,
-                                                        rng, self.cfg.drift_compensation)))
+        if self.cfg.overflow == "emulate":
+            self.emulate_matrices(self.off_chip, noise, seed)
 
     def restore_clean(self) -> None:
         with torch.no_grad():
@@ -445,13 +450,7 @@ def _evaluate(model: torch.nn.Module, ids: torch.Tensor, wcfg: WindowConfig,
 
 def _check_paths(cfg: DeployConfig) -> Path:
     out = Path(cfg.out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise DeployError(f"--out {out}: directory {parent} does not exist or is not writable")
-    if out.exists() and not (cfg.resume or cfg.overwrite):
-        raise DeployError(f"--out {out} already exists: pass --resume to continue it or --overwrite to replace it")
-    if cfg.resume and not out.exists():
-        raise DeployError(f"--resume: {out} does not exist; nothing to resume")
+    check_output(out, cfg.resume, cfg.overwrite, DeployError)
     for what, p in (("--calib-text", cfg.calib_text), ("--eval-text", cfg.eval_text)):
         if not Path(p).is_file():
             raise DeployError(f"{what} {p}: file does not exist")
@@ -543,7 +542,6 @@ class RomerLoop:
         dep = self.dep
         base = calib_nll(dep.model, self.batches)
         deployed = {at.name: at.param.detach().clone() for at in dep.tensors}
-        mapping = MappingConfig(self.noise.mapping, g_max=self.noise.g_max, tile=dep.mcfg.tile)
         dep.restore_clean()
         handle = apply_replacement(dep.model, plan, self.blocks)  # clean replicas in the cold slots
         try:
@@ -554,10 +552,8 @@ class RomerLoop:
                 for at in dep.tensors:
                     at.param.copy_(deployed[at.name])
                 for n, (at, m, clean_rep) in enumerate(replicas):
-                    rng = np.random.default_rng([dep.cfg.seed, n, m, 0x6A7E])
-                    noisy = noisy_matrix(clean_rep.float().numpy().copy(), self.noise, mapping, dep.cfg.t_read, rng,
-                                         dep.cfg.drift_compensation)
-                    at.param.detach().view(-1, *at.matrix_shape[-2:])[m].copy_(torch.from_numpy(noisy))
+                    dep.emulate(at.param.detach().view(-1, *at.matrix_shape[-2:])[m], clean_rep, self.noise,
+                                [dep.cfg.seed, n, m, 0x6A7E])
             with install_romer(dep.model, plan, None, self.blocks):
                 with_plan = calib_nll(dep.model, self.batches)
         finally:
@@ -590,11 +586,7 @@ def run_deploy(cfg: DeployConfig, progress: ProgressFn | None = None) -> DeployR
     calib_ids = tokenize_file(cfg.calib_text, tokenizer, cfg.calib_tokens)
     tiles = cfg.sim_tiles or _sim_tiles_needed(model, cfg, cfg.sim_rows, cfg.sim_cols)
     sim = SimOptions(cfg.sim_truth, cfg.sim_seed, ChipProfile(tiles=tiles, rows=cfg.sim_rows, cols=cfg.sim_cols))
-    state = out.with_name(out.name + ".simchip.npz") if cfg.device == "sim" else None
-    if cfg.device == "sim" and not cfg.resume and state is not None:
-        for p in (state, Path(str(state) + ".journal")):
-            if p.exists():
-                p.unlink()
+    state = sim_state_path(out, cfg.device, cfg.resume)
     with connect(cfg.device, cfg.timeout_s, sim, state) as drv:
         idn = drv.idn()
         drv.configure_programming(cfg.settings)
@@ -618,9 +610,7 @@ def run_deploy(cfg: DeployConfig, progress: ProgressFn | None = None) -> DeployR
                 info: dict[str, Any] = {}
                 if k > 0 and loop is not None:
                     info = loop.before_programming(k)
-                    changed = dep.set_targets_from_model()
-                    if k > 1:  # later rounds: the chip has aged; read again after another t_read
-                        changed = changed or set()
+                    changed = dep.set_targets_from_model()  # later rounds: only a re-read, t_read later
                 m = dep.program_and_read(f, k, changed)
                 dep.emulate_overflow(noise, cfg.seed + k)
                 if k > 0 and loop is not None:
@@ -651,15 +641,10 @@ def _emulated_ppl(dep: Deployment, noise: NoiseModel, ids: torch.Tensor, wcfg: W
     """Perplexity with the chip-held parts perturbed by the noise model instead (for comparison)."""
     held = {at.name: at.param.detach().clone() for at in dep.tensors}
     try:
-        mapping = MappingConfig(noise.mapping, g_max=noise.g_max, tile=dep.mcfg.tile)
         with torch.no_grad():
             for at in dep.tensors:
                 at.param.copy_(dep.clean[at.name])
-            for mm in dep.on_chip:
-                dst = dep._param_matrix(mm.tensor, mm.matrix)
-                rng = np.random.default_rng([dep.cfg.seed, mm.matrix, zlib.crc32(mm.tensor.encode())])
-                dst.copy_(torch.from_numpy(noisy_matrix(dst.float().numpy().copy(), noise, mapping, dep.cfg.t_read, rng,
-                                                        dep.cfg.drift_compensation)))
+        dep.emulate_matrices(dep.on_chip, noise, dep.cfg.seed)
         return perplexity(dep.model, ids, wcfg).ppl
     finally:
         with torch.no_grad():

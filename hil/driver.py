@@ -151,13 +151,8 @@ class ChipDriver:
         self.ask(f"PROG:CONF {s.fields()}")
 
     def check_region(self, r: P.Region) -> None:
-        p = self.profile()
-        if not (0 <= r.tile < p.tiles and 0 <= r.row0 and 0 <= r.col0 and r.nrows > 0 and r.ncols > 0
-                and r.row0 + r.nrows <= p.rows and r.col0 + r.ncols <= p.cols):
-            raise ValueError(f"region tile={r.tile} rows {r.row0}..{r.row0 + r.nrows - 1} cols {r.col0}.."
-                             f"{r.col0 + r.ncols - 1} is outside the chip ({p.tiles} tiles of {p.rows}x{p.cols})")
-        if r.size > p.block_max_cells:
-            raise ValueError(f"region of {r.size} cells exceeds the chip's block limit {p.block_max_cells}")
+        """Checked here, against the profile the device reported, before anything is sent."""
+        self.profile().check_region(r)
 
     def program_block(self, region: P.Region, targets_us: np.ndarray, txn: str) -> tuple[np.ndarray, np.ndarray]:
         """Write-verify one block (NaN targets are skipped). Returns (pulses, verified) per cell; verified is

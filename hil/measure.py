@@ -10,7 +10,6 @@ interrupted run ends with the same dump as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from hil import protocol as P
 from hil.connect import SimOptions, connect
 from hil.driver import ChipDriver, tile_regions
 from hil.profile import ChipProfile, SafetyError
+from hil.runfiles import check_output, sim_state_path
 from noise_fit import dump_schema as S
 
 SOFTWARE_VERSION = "0.1.0"
@@ -94,22 +94,6 @@ def _pattern(cfg: MeasureConfig, profile: ChipProfile, n: int) -> np.ndarray:
 def open_device(cfg: MeasureConfig, state_path: Path | None = None):  # type: ignore[no-untyped-def]
     """A connected driver for ``cfg.device`` (see `hil.connect.connect`)."""
     return connect(cfg.device, cfg.timeout_s, SimOptions(cfg.sim_truth, cfg.sim_seed, cfg.sim_profile), state_path)
-
-
-def _check_out_path(cfg: MeasureConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and out.is_dir():
-        raise MeasureError(f"--out {out}: is a directory, expected an .h5 file path")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise MeasureError(f"--out {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise MeasureError(f"--out {out}: directory {parent} is not writable")
-    if out.exists() and not (cfg.resume or cfg.overwrite):
-        raise MeasureError(f"--out {out} already exists: pass --resume to continue it or --overwrite to replace it")
-    if cfg.resume and not out.exists():
-        raise MeasureError(f"--resume: {out} does not exist; nothing to resume")
-    return out
 
 
 def _check_config(cfg: MeasureConfig, profile: ChipProfile) -> list[int]:
@@ -194,10 +178,9 @@ ProgressFn = Callable[[str, int, int], None]
 def run_measurement(cfg: MeasureConfig, progress: ProgressFn | None = None,
                     driver: ChipDriver | None = None) -> MeasureResult:
     """Measure a chip into ``cfg.out``. Pass ``driver`` to use an already connected chip."""
-    out = _check_out_path(cfg)
-    state_path = out.with_name(out.name + ".simchip.npz") if cfg.device == "sim" else None
-    if cfg.device == "sim" and not cfg.resume and state_path is not None and state_path.exists():
-        state_path.unlink()  # a fresh run starts with a fresh simulated chip
+    out = Path(cfg.out)
+    check_output(out, cfg.resume, cfg.overwrite, MeasureError)
+    state_path = sim_state_path(out, cfg.device, cfg.resume)
     if driver is not None:
         return _measure(cfg, out, driver, progress)
     with open_device(cfg, state_path=state_path) as drv:

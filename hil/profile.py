@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hil.protocol import ProgramSettings
+from hil.protocol import ProgramSettings, Region
 
 
 class SafetyError(ValueError):
@@ -48,6 +48,16 @@ class ChipProfile:
             problems.append(f"verify tolerance {s.tolerance_us} µS must be in (0, {self.g_max - self.g_min})")
         if problems:
             raise SafetyError("; ".join(problems))
+
+    def check_region(self, r: Region) -> None:
+        """A block operation's rectangle must lie inside one tile and within the block limit."""
+        if not (0 <= r.tile < self.tiles and 0 <= r.row0 and 0 <= r.col0 and r.nrows > 0 and r.ncols > 0
+                and r.row0 + r.nrows <= self.rows and r.col0 + r.ncols <= self.cols):
+            raise ValueError(f"region tile={r.tile} rows {r.row0}..{r.row0 + r.nrows - 1} cols {r.col0}.."
+                             f"{r.col0 + r.ncols - 1} is outside the array (outside the chip: {self.tiles} tiles "
+                             f"of {self.rows}x{self.cols})")
+        if r.size > self.block_max_cells:
+            raise ValueError(f"region of {r.size} cells exceeds the chip's block limit of {self.block_max_cells}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

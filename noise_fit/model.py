@@ -167,17 +167,19 @@ class NoiseModel:
         """Programming-noise standard deviation (µS) at the target conductance."""
         return self.prog_scale * np.maximum(self.prog_sigma(self.x(g_target)), 0.0)
 
-    def read_time_factor(self, t: float) -> float:
+    def read_time_factor(self, t: float | np.ndarray) -> float | np.ndarray:
+        """Scalar for a scalar t; per element for an array of times (cells programmed at different times)."""
         if self.read_time_law == "none":
             return 1.0
-        return float(np.sqrt(np.log((t + self.t0 + self.t_read) / (2.0 * self.t_read))))
+        f = np.sqrt(np.log((np.asarray(t) + self.t0 + self.t_read) / (2.0 * self.t_read)))
+        return float(f) if f.ndim == 0 else f
 
-    def sigma_read(self, g: np.ndarray, t: float) -> np.ndarray:
+    def sigma_read(self, g: np.ndarray, t: float | np.ndarray) -> np.ndarray:
         """Read-noise standard deviation (µS) of one read at conductance g, time t."""
         s = self.read_scale * np.maximum(self.read_sigma(self.x(np.abs(g))), 0.0) * self.read_time_factor(t)
         return s * np.abs(g) if self.read_relative else s * np.ones_like(np.asarray(g))
 
-    def drift_factor(self, nu: np.ndarray, t: float) -> np.ndarray:
+    def drift_factor(self, nu: np.ndarray, t: float | np.ndarray) -> np.ndarray:
         return np.power((t + self.t0) / self.t0, -nu)
 
     # ---- sampling (vectorised, seeded) ----------------------------------------------------

@@ -170,3 +170,13 @@ def test_bad_input_rejected_before_any_cell_is_touched(tmp_path, kw, match) -> N
 def test_unwritable_output_path(tmp_path) -> None:
     with pytest.raises(MeasureError, match="does not exist"):
         run_measurement(_cfg(tmp_path / "nope" / "d.h5"))
+
+
+def test_overwrite_starts_from_a_fresh_simulated_chip(tmp_path) -> None:
+    """A rerun with --overwrite must not inherit the earlier run's chip state (snapshot or journal)."""
+    run_measurement(_cfg(tmp_path / "ref.h5"))
+    out = tmp_path / "d.h5"
+    run_measurement(_cfg(out))
+    assert (tmp_path / "d.h5.simchip.npz.journal").exists()
+    run_measurement(_cfg(out, overwrite=True))
+    _assert_same_dump(tmp_path / "ref.h5", out)

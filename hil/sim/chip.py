@@ -98,12 +98,7 @@ class SimChip:
         return int(round(self.clock * 1e9))
 
     def check_region(self, r: Region) -> None:
-        p = self.profile
-        if not (0 <= r.tile < p.tiles and 0 <= r.row0 and 0 <= r.col0 and r.nrows > 0 and r.ncols > 0
-                and r.row0 + r.nrows <= p.rows and r.col0 + r.ncols <= p.cols):
-            raise ValueError(f"region {r.fields()} outside the array ({p.tiles} tiles of {p.rows}x{p.cols})")
-        if r.size > p.block_max_cells:
-            raise ValueError(f"region of {r.size} cells exceeds the block limit of {p.block_max_cells}")
+        self.profile.check_region(r)
 
     def _view(self, a: np.ndarray, r: Region) -> np.ndarray:
         return a[r.tile, r.row0:r.row0 + r.nrows, r.col0:r.col0 + r.ncols]
@@ -163,19 +158,16 @@ class SimChip:
     def true_conductance(self, r: Region) -> np.ndarray:
         """Noise-free conductance of a block at the current clock (drift applied)."""
         self.check_region(r)
-        t = np.maximum(self.clock - self._view(self.t_prog, r), 0.0)
-        return (self._view(self.g_prog, r) * ((t + self.truth.t0) / self.truth.t0) ** (-self._view(self.nu, r)))
+        return self._view(self.g_prog, r) * self.truth.drift_factor(self._view(self.nu, r), self._age(r))
+
+    def _age(self, r: Region) -> np.ndarray:
+        """Time since each cell of the block was programmed, s."""
+        return np.maximum(self.clock - self._view(self.t_prog, r), 0.0)
 
     def read(self, r: Region) -> np.ndarray:
         """One read of a block: drifted conductance + read noise, through the ADC (µS, float32)."""
-        truth = self.truth
         g = self.true_conductance(r).astype(np.float32)
-        t = np.maximum(self.clock - self._view(self.t_prog, r), 0.0)
-        sig = truth.read_scale * np.maximum(truth.read_sigma(g / truth.g_max), 0.0)
-        if truth.read_time_law == "log1f":
-            sig = sig * np.sqrt(np.log((t + truth.t0 + truth.t_read) / (2.0 * truth.t_read)))
-        if truth.read_relative:
-            sig = sig * g
+        sig = self.truth.sigma_read(g, self._age(r))
         rng = self._rng(_OP_READ, r.tile, r.row0, r.col0, r.nrows, r.ncols, self._clock_key())
         noisy = g + sig.astype(np.float32) * rng.standard_normal(g.shape, dtype=np.float32)
         codes = np.clip(np.rint(noisy / self.adc_lsb), 0, 2 ** self.physics.adc_bits - 1)

@@ -7,7 +7,6 @@ in-process loopback transport share them, so every path speaks exactly the same 
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -195,9 +194,4 @@ class SimDevice:
         if name == "CHIP:STUCK?":
             return P.encode_block(chip.stuck_report(self._region(args)).tobytes())
         return self._err(P.E_COMMAND, f"unknown command {name!r}")
-
-
-def device_info_json(dev: SimDevice) -> str:
-    return json.dumps({"idn": dev.idn(), "profile": dev.profile.to_dict(), "seed": dev.chip.seed,
-                       "truth": dev.chip.truth.name})
 
